@@ -1,0 +1,32 @@
+# `make run` and `make test` set everything up on a fresh machine (creating .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run serve test lint bench
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/conveyor serve
+
+generate: $(STAMP)
+	$(BIN)/conveyor generate "The capital of France is" --max-tokens 32
+
+test: $(STAMP)
+	$(BIN)/ruff check conveyor tests
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check conveyor tests
+
+bench: $(STAMP)
+	$(BIN)/conveyor bench throughput
