@@ -1,0 +1,76 @@
+"""Owns the model and its KV-cache tensors; runs one step: build the flat batch, forward, sample."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from conveyor.config import EngineConfig, ModelConfig, available_cpu_count, parse_memory_size
+from conveyor.engine.batch import build_model_input
+from conveyor.engine.scheduler_output import SchedulerOutput
+from conveyor.model.registry import build_model
+from conveyor.outputs import Logprob
+from conveyor.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
+    prepare_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 max_model_len: int) -> None:
+        torch.set_num_threads(config.num_threads or available_cpu_count())
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.model_config = model_config
+        self.model = build_model(model_config, max_model_len)
+        self.model.load_weights(weights)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
+        for module in self.model.modules():
+            if hasattr(module, "cos"):
+                module.cos, module.sin = module.cos.float(), module.sin.float()
+        bytes_per_block = self.model.kv_cache_bytes_per_token(self.dtype) * self.block_size
+        self.num_kv_blocks = config.num_kv_blocks or parse_memory_size(config.kv_cache_memory) // bytes_per_block
+        if self.num_kv_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory!r} holds no block of {bytes_per_block} bytes")
+        self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
+        self.sliding_window = model_config.sliding_window
+        self.sampler = Sampler()
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", self.num_kv_blocks, self.block_size,
+                    self.num_kv_blocks * bytes_per_block / 2**30, self.num_kv_blocks * self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        started = time.perf_counter()
+        model_input = build_model_input(output, self.block_size, self.sliding_window, self.device)
+        prepared = time.perf_counter()
+        logits = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                            model_input.attention, model_input.logits_indices)
+        forwarded = time.perf_counter()
+        requests = model_input.sampling_requests
+        result = RunnerOutput(sampled_token_ids={})
+        if requests:
+            sampled = self.sampler(logits, requests)
+            for row, request in enumerate(requests):
+                result.sampled_token_ids[request.request_id] = sampled.token_ids[row]
+                if sampled.logprobs is not None and sampled.logprobs[row] is not None:
+                    result.logprobs[request.request_id] = sampled.logprobs[row]
+        result.prepare_seconds = prepared - started
+        result.forward_seconds = forwarded - prepared
+        result.sample_seconds = time.perf_counter() - forwarded
+        return result

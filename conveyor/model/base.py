@@ -1,0 +1,60 @@
+"""What every architecture shares: embedding, a stack of decoder layers, final norm, lm_head on the
+rows that sample, and the paged KV cache tensors the layers write to."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from conveyor.config import ModelConfig
+from conveyor.engine.batch import AttentionMetadata
+from conveyor.model.layers import RMSNorm, load_hf_state_dict
+
+
+class CausalLM(nn.Module):
+    """Subclasses build `self.layers` (each `layer(h, positions, k_cache, v_cache, meta) -> h`)."""
+
+    embedding_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden_size)
+
+    def __init__(self, config: ModelConfig, gemma_norms: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma_norms)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Flat batch in ([T] ids and positions), logits out only for `logits_indices` rows: [S, vocab]."""
+        hidden = self.embed_tokens(input_ids)
+        if self.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            hidden = layer(hidden, positions, k_cache, v_cache, meta)
+        # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
+        hidden = self.norm(hidden[logits_indices])
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors named as Hugging Face names them (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+        renamed = {}
+        for name, tensor in tensors.items():
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as lm_head
+            renamed[name.removeprefix("model.")] = tensor
+        load_hf_state_dict(self, renamed)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype) -> int:
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                          device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(c.num_layers)]

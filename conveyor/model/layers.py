@@ -1,0 +1,234 @@
+"""Building blocks shared by the architectures: norms, rotary embeddings, paged attention.
+
+Everything here works on the flat token batch ([T, ...], no batch axis). Attention is the one place
+tokens of different requests would mix, so it reads the per-step `AttentionMetadata` built by
+`conveyor.engine.batch` to keep each request to its own keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conveyor.engine.batch import AttentionMetadata, WindowView
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32. Gemma scales by (1 + w); Llama-family models by w."""
+
+    def __init__(self, dim: int, eps: float, gemma_style: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gemma_style = gemma_style
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma_style else torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = (1.0 + self.weight.float()) if self.gemma_style else self.weight.float()
+        return (x * scale).to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.x frequency scaling: long wavelengths are stretched, short ones kept, a smooth blend between."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    original_len = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = original_len / low_freq_factor
+    high_freq_wavelen = original_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the rotate-half layout, with a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "llama3":
+                inv_freq = _llama3_inv_freq(inv_freq, scaling)
+            elif kind == "linear":
+                inv_freq = inv_freq / scaling["factor"]
+            elif kind not in (None, "default"):
+                raise ValueError(f"unsupported rope scaling {kind!r}")
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        table = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", table.cos().float().to(device), persistent=False)
+        self.register_buffer("sin", table.sin().float().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; returns both rotated."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class PagedAttention(nn.Module):
+    """Attention over the paged KV cache, one request's queries against that request's keys only.
+
+    The step's new K/V are written into the cache at `slot_mapping` first; then
+    - all single-token decode rows attend in one batched call: each gathers its own blocks (the whole
+      context, or only the sliding window), and a per-row mask hides slots past its length;
+    - each prefill chunk attends alone, its queries against its cached prefix plus the chunk itself,
+      causally (and within the window on sliding layers).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq*D]."""
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+
+        view = meta.sliding if self.sliding_window is not None else meta.full
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[meta.decode_token_indices] = self._decode(q[meta.decode_token_indices], k_cache, v_cache, view)
+        for chunk in view.prefills:
+            rows = slice(chunk.query_start, chunk.query_end)
+            out[rows] = self._prefill(q[rows], k_flat[chunk.key_slots], v_flat[chunk.key_slots], chunk.mask)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: WindowView) -> torch.Tensor:
+        num_decodes = q.shape[0]
+        keys = k_cache[view.decode_blocks].view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[view.decode_blocks].view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, Hq, 1, D]
+            keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hk, L, D]
+            attn_mask=view.decode_mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(2)
+
+    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, Tq, D]
+            keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, optional per-head q/k norm, rotary, paged attention, output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary: RotaryEmbedding, bias: bool = False, qk_norm_eps: float | None = None,
+                 gemma_norms: bool = False, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, gemma_norms)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, gemma_norms)
+        self.rotary = rotary
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, k_cache, v_cache, meta))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        if activation == "silu":
+            self.act = F.silu
+        elif activation in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = lambda t: F.gelu(t, approximate="tanh")
+        elif activation == "gelu":
+            self.act = F.gelu
+        else:
+            raise ValueError(f"unsupported activation {activation!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+# Hugging Face keeps q/k/v and gate/up as separate matrices; conveyor fuses them: (fused name, shard index).
+_FUSED_SHARDS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2), "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+def load_hf_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy Hugging Face-named tensors into conveyor's modules, fusing q/k/v and gate/up as it goes."""
+    params = dict(model.named_parameters())
+    fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name, tensor in tensors.items():
+        target = name
+        for hf_part, (ours, shard) in _FUSED_SHARDS.items():
+            if f".{hf_part}." in name:
+                target = name.replace(hf_part, ours)
+                fused.setdefault(target, []).append((shard, tensor))
+                break
+        else:
+            if target not in params:
+                raise KeyError(f"unexpected weight {name!r} for {type(model).__name__}")
+            _copy(params[target], tensor, name)
+            continue
+    for target, shards in fused.items():
+        if target not in params:
+            raise KeyError(f"unexpected weight {target!r} for {type(model).__name__}")
+        _copy(params[target], torch.cat([t for _, t in sorted(shards, key=lambda s: s[0])], dim=0), target)
+    loaded = set(tensors) | set(fused)
+    missing = [n for n in params if n not in loaded and not any(n == t for t in fused)]
+    missing = [n for n in missing if not getattr(params[n], "_tied", False)]
+    if missing:
+        raise KeyError(f"weights missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)
