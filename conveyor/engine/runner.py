@@ -37,8 +37,7 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.model_config = model_config
-        self.model = build_model(model_config, max_model_len)
-        self.model.load_weights(weights)
+        self.model = build_model(model_config, max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():

@@ -52,10 +52,10 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the rotate-half layout, with a precomputed cos/sin table."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        # Explicit CPU tensors: the model may be built on the meta device (weights arrive later).
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "llama3":
@@ -64,10 +64,10 @@ class RotaryEmbedding(nn.Module):
                 inv_freq = inv_freq / scaling["factor"]
             elif kind not in (None, "default"):
                 raise ValueError(f"unsupported rope scaling {kind!r}")
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
         table = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", table.cos().float().to(device), persistent=False)
-        self.register_buffer("sin", table.sin().float().to(device), persistent=False)
+        self.register_buffer("cos", table.cos().float(), persistent=False)
+        self.register_buffer("sin", table.sin().float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D]; returns both rotated."""
@@ -115,13 +115,16 @@ class PagedAttention(nn.Module):
             out[meta.decode_token_indices] = self._decode(q[meta.decode_token_indices], k_cache, v_cache, view)
         for chunk in view.prefills:
             rows = slice(chunk.query_start, chunk.query_end)
-            out[rows] = self._prefill(q[rows], k_flat[chunk.key_slots], v_flat[chunk.key_slots], chunk.mask)
+            keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)
+            out[rows] = self._prefill(q[rows], keys, values, chunk.mask)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: WindowView) -> torch.Tensor:
         num_decodes = q.shape[0]
-        keys = k_cache[view.decode_blocks].view(num_decodes, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[view.decode_blocks].view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        # NOTE: index_select, not advanced indexing: on CPU it is an order of magnitude faster here.
+        blocks = view.decode_blocks.flatten()
+        keys = k_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, Hq, 1, D]
             keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hk, L, D]
@@ -201,34 +204,31 @@ _FUSED_SHARDS = {
 
 
 def load_hf_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy Hugging Face-named tensors into conveyor's modules, fusing q/k/v and gate/up as it goes."""
+    """Put Hugging Face-named tensors into conveyor's modules, fusing q/k/v and gate/up as it goes.
+
+    Parameters are replaced, not copied into, so a model built on the meta device costs no
+    initialisation and unfused weights are used in place.
+    """
     params = dict(model.named_parameters())
     fused: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    direct: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        target = name
         for hf_part, (ours, shard) in _FUSED_SHARDS.items():
             if f".{hf_part}." in name:
-                target = name.replace(hf_part, ours)
-                fused.setdefault(target, []).append((shard, tensor))
+                fused.setdefault(name.replace(hf_part, ours), []).append((shard, tensor))
                 break
         else:
-            if target not in params:
-                raise KeyError(f"unexpected weight {name!r} for {type(model).__name__}")
-            _copy(params[target], tensor, name)
-            continue
+            direct[name] = tensor
     for target, shards in fused.items():
-        if target not in params:
-            raise KeyError(f"unexpected weight {target!r} for {type(model).__name__}")
-        _copy(params[target], torch.cat([t for _, t in sorted(shards, key=lambda s: s[0])], dim=0), target)
-    loaded = set(tensors) | set(fused)
-    missing = [n for n in params if n not in loaded and not any(n == t for t in fused)]
-    missing = [n for n in missing if not getattr(params[n], "_tied", False)]
+        direct[target] = torch.cat([t for _, t in sorted(shards, key=lambda s: s[0])], dim=0)
+    for name, tensor in direct.items():
+        if name not in params:
+            raise KeyError(f"unexpected weight {name!r} for {type(model).__name__}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                             f"model {tuple(params[name].shape)}")
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    missing = sorted(set(params) - set(direct))
     if missing:
         raise KeyError(f"weights missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-
-
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(tensor)
