@@ -33,6 +33,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
                  max_model_len: int) -> None:
         torch.set_num_threads(config.num_threads or available_cpu_count())
+        self.num_threads = torch.get_num_threads()
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size

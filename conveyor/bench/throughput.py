@@ -1,0 +1,120 @@
+"""Offline throughput (W1): conveyor's continuous batching against static batching, same engine, same run.
+
+Static batching is what a server without continuous batching does: take the next `batch_size` requests
+in arrival order, left-pad their prompts to the longest, and decode until the batch's longest output is
+done. conveyor's static mode does exactly that compute with the same model and kernels: pad tokens are
+real tokens of the sequence, and a request whose own output is complete keeps decoding (an idle slot)
+until its batch ends. Only each request's own `output_len` tokens count as output.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+from conveyor.bench.workloads import BenchRequest
+from conveyor.engine.engine import LLMEngine
+from conveyor.engine.trace import StepRecord
+from conveyor.sampling_params import SamplingParams
+
+
+@dataclass
+class ThroughputResult:
+    mode: str
+    num_requests: int
+    wall_seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    num_steps: int
+    overhead_fraction: float  # step time outside forward + sampling, over steps with a full batch
+    padding_tokens: int = 0  # static mode: pad and idle-slot tokens computed for nothing
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def output_tokens_per_second(self) -> float:
+        return self.output_tokens / self.wall_seconds
+
+    @property
+    def total_tokens_per_second(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "output_tokens_per_second": self.output_tokens_per_second,
+                "total_tokens_per_second": self.total_tokens_per_second}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _greedy(output_len: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+def _steps_since(engine: LLMEngine, first_step: int) -> list[StepRecord]:
+    return [s for s in (engine.trace or []) if s.step_index >= first_step]
+
+
+def _overhead_fraction(steps: list[StepRecord], min_running: int) -> float:
+    busy = [s for s in steps if len(s.scheduled) >= min_running] or steps
+    total = sum(s.duration for s in busy)
+    return sum(s.overhead_seconds for s in busy) / total if total else 0.0
+
+
+def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> ThroughputResult:
+    """Submit everything at once and let the scheduler batch continuously."""
+    first_step = engine.step_index
+    started = time.perf_counter()
+    for i, request in enumerate(requests):
+        engine.add_request(request.prompt_token_ids, _greedy(request.output_len), request_id=f"c{first_step}-{i}")
+    output_tokens = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                output_tokens += len(output.outputs[0].token_ids)
+    wall = time.perf_counter() - started
+    steps = _steps_since(engine, first_step)
+    return ThroughputResult(
+        mode="continuous", num_requests=len(requests), wall_seconds=wall,
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens,
+        num_steps=len(steps), overhead_fraction=_overhead_fraction(steps, engine.config.max_num_seqs),
+        settings=_settings(engine))
+
+
+def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
+               pad_token_id: int = 0) -> ThroughputResult:
+    """Fixed batches in arrival order, left-padded, each running until its longest member is done."""
+    if engine.config.max_num_seqs < batch_size:
+        raise ValueError(f"static batch size {batch_size} exceeds the engine's max_num_seqs "
+                         f"{engine.config.max_num_seqs}")
+    first_step = engine.step_index
+    started = time.perf_counter()
+    padding = 0
+    for batch_start in range(0, len(requests), batch_size):
+        batch = requests[batch_start:batch_start + batch_size]
+        prompt_len = max(len(r.prompt_token_ids) for r in batch)
+        output_len = max(r.output_len for r in batch)
+        for i, request in enumerate(batch):
+            pads = prompt_len - len(request.prompt_token_ids)
+            padding += pads + (output_len - request.output_len)
+            engine.add_request([pad_token_id] * pads + request.prompt_token_ids, _greedy(output_len),
+                               request_id=f"s{first_step}-{batch_start + i}")
+        while engine.has_unfinished_requests():
+            engine.step()
+    wall = time.perf_counter() - started
+    steps = _steps_since(engine, first_step)
+    return ThroughputResult(
+        mode=f"static (batch {batch_size})", num_requests=len(requests), wall_seconds=wall,
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
+        output_tokens=sum(r.output_len for r in requests), num_steps=len(steps),
+        overhead_fraction=_overhead_fraction(steps, batch_size), padding_tokens=padding,
+        settings={**_settings(engine), "batch_size": batch_size})
+
+
+def _settings(engine: LLMEngine) -> dict:
+    c = engine.config
+    return {"model": engine.model_path, "max_num_seqs": c.max_num_seqs,
+            "max_num_batched_tokens": c.max_num_batched_tokens, "block_size": c.block_size,
+            "num_kv_blocks": engine.runner.num_kv_blocks, "num_threads": engine.runner.num_threads,
+            "dtype": c.dtype}
