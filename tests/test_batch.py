@@ -1,0 +1,57 @@
+"""The flat batch: no padding, slots from block tables, masks that keep requests and windows apart."""
+
+from __future__ import annotations
+
+import torch
+
+from conveyor.engine.batch import build_model_input
+from conveyor.engine.request import Request
+from conveyor.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from conveyor.sampling_params import SamplingParams
+
+BLOCK = 4
+
+
+def _scheduled(request_id: str, num_tokens: int, computed: int, new: int, blocks: list[int]) -> ScheduledRequest:
+    request = Request(request_id, list(range(100, 100 + num_tokens)), SamplingParams())
+    request.num_computed_tokens = computed
+    return ScheduledRequest(request, new, blocks)
+
+
+def test_flat_batch_has_no_padding_and_maps_slots_through_block_tables() -> None:
+    decode = _scheduled("d", 10, 9, 1, [7, 3, 5])  # token 9 lives in block 5, offset 1
+    chunk = _scheduled("p", 12, 4, 6, [2, 8, 6])  # tokens 4..9 of 12: a middle chunk, no sampling
+    model_input = build_model_input(SchedulerOutput(0, [decode, chunk]), BLOCK, None, torch.device("cpu"))
+    assert model_input.input_ids.tolist() == [109] + list(range(104, 110))
+    assert model_input.positions.tolist() == [9, 4, 5, 6, 7, 8, 9]
+    assert model_input.attention.slot_mapping.tolist() == [5 * 4 + 1, 8 * 4, 8 * 4 + 1, 8 * 4 + 2, 8 * 4 + 3,
+                                                          6 * 4, 6 * 4 + 1]
+    assert model_input.logits_indices.tolist() == [0]  # only the decode samples
+    assert [r.request_id for r in model_input.sampling_requests] == ["d"]
+    [prefill] = model_input.attention.full.prefills
+    assert (prefill.query_start, prefill.query_end) == (1, 7)
+    assert prefill.key_slots.tolist() == [8, 9, 10, 11, 32, 33, 34, 35, 24, 25]  # keys 0..9
+    assert prefill.mask.tolist()[0] == [True] * 5 + [False] * 5  # query 4 sees keys 0..4
+
+
+def test_decode_mask_covers_exactly_the_context_and_the_window() -> None:
+    short = _scheduled("a", 3, 2, 1, [1])
+    long = _scheduled("b", 11, 10, 1, [4, 2, 9])
+    output = SchedulerOutput(0, [short, long])
+    full = build_model_input(output, BLOCK, None, torch.device("cpu")).attention.full
+    assert full.decode_blocks.tolist() == [[1, 0, 0], [4, 2, 9]]
+    assert full.decode_mask[:, 0, 0].sum(-1).tolist() == [3, 11]
+    sliding = build_model_input(output, BLOCK, 5, torch.device("cpu")).attention.sliding
+    # Request b's query at position 10 sees keys 6..10: blocks 1 and 2 of its table, i.e. 2 and 9.
+    assert sliding.decode_blocks[1].tolist()[:2] == [2, 9]
+    visible = sliding.decode_mask[1, 0, 0].nonzero().flatten().tolist()
+    assert [4 + i for i in visible] == [6, 7, 8, 9, 10]
+
+
+def test_sliding_prefill_chunk_sees_only_its_window() -> None:
+    chunk = _scheduled("p", 12, 8, 4, [0, 1, 2])  # queries 8..11, window 3: keys 6..11
+    view = build_model_input(SchedulerOutput(0, [chunk]), BLOCK, 3, torch.device("cpu")).attention.sliding
+    [prefill] = view.prefills
+    assert prefill.key_slots.tolist() == [6, 7, 8, 9, 10, 11]
+    assert prefill.mask.int().tolist() == [[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                                           [0, 0, 0, 1, 1, 1]]
