@@ -36,11 +36,14 @@ def _tiny_config(architecture: str):  # type: ignore[no-untyped-def]
 
 
 def tiny_tokenizer() -> Tokenizer:
-    """Byte-level BPE with no merges: every byte is a token, shifted past the special ids."""
+    """Byte-level BPE with no merges: every byte is a token, shifted past the special ids; the rest of
+    the model's vocabulary is filler words, so every id the model can produce decodes to text."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
     for symbol in alphabet:
         vocab[symbol] = len(vocab)
+    while len(vocab) < VOCAB_SIZE:
+        vocab[f"w{len(vocab)}"] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
