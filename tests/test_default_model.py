@@ -1,0 +1,40 @@
+"""The real default model (Gemma 3 270M, Q4_K_M GGUF) against Hugging Face transformers on the same
+dequantized weights: greedy ids for several prompts, 32 tokens, in the check_logprobs_close sense."""
+
+from __future__ import annotations
+
+import pytest
+
+from conveyor import LLM, SamplingParams
+from conveyor.model.loader import default_model_path, load_model_weights
+from tests.hf_reference import hf_model_from_tensors
+from tests.reference import check_logprobs_close, conveyor_top, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "Les fleurs du jardin sont",
+    "1, 1, 2, 3, 5, 8, 13,",
+]
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(max_num_batched_tokens=16)  # a small budget: the prompts are chunked and share steps
+
+
+def test_greedy_matches_transformers_on_the_default_model(llm: LLM) -> None:
+    config, tensors = load_model_weights(default_model_path())
+    reference_model = hf_model_from_tensors(config, tensors)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    outputs = llm.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, outputs):
+        prompt_ids = llm.tokenizer.encode(prompt)
+        assert output.prompt_token_ids == prompt_ids
+        reference = hf_greedy(reference_model, prompt_ids, MAX_TOKENS)
+        matched = check_logprobs_close(reference, conveyor_top(output), repr(prompt), atol=2e-3)
+        assert matched >= 8, f"{prompt!r}: diverged at token {matched}"
