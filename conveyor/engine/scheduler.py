@@ -75,7 +75,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        chunk_cap = self.long_prefill_threshold if self.waiting else budget
+        # A prompt chunk is capped only when someone else is waiting for room.
+        capped, uncapped = self.long_prefill_threshold, self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
@@ -83,7 +84,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = self._num_new_tokens(request, budget, chunk_cap)
+            num_new = self._num_new_tokens(request, budget, capped if self.waiting else uncapped)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()  # NOTE: the newest running request; possibly `request` itself
                 self._preempt(victim)
@@ -100,7 +101,7 @@ class Scheduler:
         # 2. Waiting requests, in arrival order. NOTE: not in a step that preempted: that would thrash.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
-            num_new = self._num_new_tokens(request, budget, chunk_cap)
+            num_new = self._num_new_tokens(request, budget, capped if len(self.waiting) > 1 else uncapped)
             if not self.kv_cache.allocate_slots(request, num_new):
                 break  # NOTE: no skipping ahead of the queue's head, so nothing starves
             self.waiting.popleft()
