@@ -112,28 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(generate)
     _add_sampling_args(generate)
     generate.set_defaults(handler=_generate)
-    for register in _SUBCOMMAND_REGISTRARS:
-        register(sub)
+    from conveyor.bench.cli import register as register_bench
+    from conveyor.server.cli import register as register_serve
+
+    register_serve(sub)
+    register_bench(sub)
     return parser
-
-
-def _register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from conveyor.server.cli import register
-    except ImportError:
-        return
-    register(sub)
-
-
-def _register_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from conveyor.bench.cli import register
-    except ImportError:
-        return
-    register(sub)
-
-
-_SUBCOMMAND_REGISTRARS = [_register_serve, _register_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

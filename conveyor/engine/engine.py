@@ -59,6 +59,7 @@ class LLMEngine:
         self._finished_since_last_step: list[RequestOutput] = []
         self._ids = itertools.count()
         self.step_index = 0
+        self.last_step_num_requests = 0
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         logger.info("engine ready in %.1f s: %s (%s), max_model_len %d", time.perf_counter() - started,
@@ -116,6 +117,7 @@ class LLMEngine:
         if scheduled.is_empty:
             return outputs
         result = self.runner.execute(scheduled)
+        self.last_step_num_requests = len(scheduled.scheduled)
         self.num_prompt_tokens_total += sum(
             s.num_new_tokens for s in scheduled.scheduled if s.start < s.request.num_prompt_tokens)
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)

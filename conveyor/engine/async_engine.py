@@ -1,0 +1,168 @@
+"""AsyncLLM: the engine loop in one background thread, one output stream per request, for the server.
+
+The engine is single-threaded. Adds and aborts reach it through a command queue that the loop drains
+before every step, so they never race with a step and a new request joins the batch at the next step.
+Outputs go back to each request's asyncio queue with `call_soon_threadsafe`: the loop never waits on a
+client, and the event loop never waits on a step (torch releases the GIL inside its kernels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.engine.engine import LLMEngine
+from conveyor.outputs import RequestOutput
+from conveyor.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+StepObserver = Callable[[LLMEngine, list[RequestOutput], float], None]
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, log_interval: float = 5.0, observer: StepObserver | None = None) -> None:
+        self.engine = engine
+        self.observer = observer
+        self.log_interval = log_interval
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # ---- the caller's side (event loop) ---------------------------------------------------------
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its output stream. Invalid requests raise ValueError here, before
+        anything streams. Closing the stream early (cancelled, disconnected) aborts the request; a stream
+        that is never iterated must be aborted by the caller."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        added: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._send("add", (request_id, prompt, params, stream, added))
+        await asyncio.wrap_future(added)  # raises the engine's ValueError for impossible requests
+        return self._iterate(request_id, stream)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        outputs = await self.add_request(prompt, params, request_id)
+        async for output in outputs:
+            yield output
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    def _send(self, command: str, payload: Any) -> None:
+        if not self.is_alive:
+            raise RuntimeError("the engine loop is not running")
+        self._commands.put((command, payload))
+        self._wakeup.set()
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_log = time.monotonic()
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                started = time.perf_counter()
+                outputs = self.engine.step()
+                for output in outputs:
+                    self._deliver(output)
+                if self.observer is not None:
+                    self.observer(self.engine, outputs, time.perf_counter() - started)
+                if time.monotonic() - last_log >= self.log_interval:
+                    self._log_stats(time.monotonic() - last_log)
+                    last_log = time.monotonic()
+        except BaseException as error:  # keep the server answering: every stream learns what happened
+            logger.exception("the engine loop failed")
+            self.error = error
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RuntimeError(f"engine failed: {error}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                request_id, prompt, params, stream, added = payload
+                try:
+                    self.engine.add_request(prompt, params, request_id=request_id)
+                except ValueError as error:
+                    added.set_exception(error)
+                    continue
+                self._streams[request_id] = stream
+                added.set_result(None)
+            elif command == "abort":
+                self.engine.abort_request(payload)  # frees its KV blocks now
+                self._streams.pop(payload, None)  # its consumer is gone
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            del self._streams[output.request_id]
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+        except RuntimeError:  # the caller's event loop is gone
+            self._streams.pop(output.request_id, None)
+
+    _last_totals = (0, 0)
+
+    def _log_stats(self, interval: float) -> None:
+        engine = self.engine
+        prompt_total, generation_total = engine.num_prompt_tokens_total, engine.num_generation_tokens_total
+        prompt_rate = (prompt_total - self._last_totals[0]) / interval
+        generation_rate = (generation_total - self._last_totals[1]) / interval
+        self._last_totals = (prompt_total, generation_total)
+        scheduler = engine.scheduler
+        logger.info("running: %d, waiting: %d, KV cache: %.1f%%, prompt: %.1f tok/s, generation: %.1f tok/s, "
+                    "preemptions: %d", scheduler.num_running, scheduler.num_waiting,
+                    100 * scheduler.kv_cache.usage, prompt_rate, generation_rate, scheduler.num_preemptions)
