@@ -56,3 +56,22 @@ class _GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from conveyor.cli import add_engine_args
+
+    serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients use (default: file stem)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--max-queue-len", type=int, default=None,
+                       help="answer 429 (with Retry-After) while this many requests are already waiting")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--graceful-timeout", type=int, default=30,
+                       help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
+    serve.add_argument("--step-trace", action="store_true", help="record the step trace (memory grows with load)")
+    add_engine_args(serve)
+    serve.set_defaults(handler=_serve)
