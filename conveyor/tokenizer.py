@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import gguf
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
@@ -21,6 +20,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
 
 from conveyor.cache import atomic_write_path, cache_dir, file_fingerprint
+from conveyor.model.gguf_file import GGUFFile
 
 _CACHE_FORMAT = 1
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
@@ -144,11 +144,7 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Tokenizer:
 
 
 def _convert_gguf(path: str | Path) -> tuple[RustTokenizer, dict[str, Any]]:
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key: str, default: Any = None) -> Any:
-        value = reader.fields.get(key)
-        return default if value is None else value.contents()
+    field = GGUFFile(str(path)).get
 
     arch, model = field("general.architecture"), field("tokenizer.ggml.model")
     if model != "llama" or not str(arch).startswith("gemma"):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from conveyor.config import ModelConfig
+from conveyor.model.gguf_file import GGUFFile
 
 logger = logging.getLogger(__name__)
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3"}
+
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.").
 _LAYER_NAMES = {
@@ -26,44 +27,40 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def read_config(reader: gguf.GGUFReader) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+def read_config(reader: GGUFFile) -> ModelConfig:
+    _field = reader.get
+    arch = _field("general.architecture")
     if arch != "gemma3" and arch not in LLAMA_FAMILY:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; conveyor supports gemma3 and "
                          f"{sorted(LLAMA_FAMILY)}")
     tensor_names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens", [])
-    hidden = _field(reader, f"{arch}.embedding_length")
-    num_heads = _field(reader, f"{arch}.attention.head_count")
-    eos_ids = [_field(reader, "tokenizer.ggml.eos_token_id")]
+    tokens = _field("tokenizer.ggml.tokens", [])
+    hidden = _field(f"{arch}.embedding_length")
+    num_heads = _field(f"{arch}.attention.head_count")
+    eos_ids = [_field("tokenizer.ggml.eos_token_id")]
     if "<end_of_turn>" in tokens:  # Gemma's chat turns end with it
         eos_ids.append(tokens.index("<end_of_turn>"))
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")  # [vocab, hidden]
     config = ModelConfig(
         architecture="gemma3" if arch == "gemma3" else "llama",
-        vocab_size=int(embedding.shape[1]),
+        vocab_size=int(embedding.shape[0]),
         hidden_size=hidden,
-        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
-        num_layers=_field(reader, f"{arch}.block_count"),
+        intermediate_size=_field(f"{arch}.feed_forward_length"),
+        num_layers=_field(f"{arch}.block_count"),
         num_heads=num_heads,
-        num_kv_heads=_field(reader, f"{arch}.attention.head_count_kv", num_heads),
-        head_dim=_field(reader, f"{arch}.attention.key_length", hidden // num_heads),
-        rms_norm_eps=_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=_field(reader, f"{arch}.rope.freq_base", 10000.0),
-        max_position_embeddings=_field(reader, f"{arch}.context_length", 4096),
+        num_kv_heads=_field(f"{arch}.attention.head_count_kv", num_heads),
+        head_dim=_field(f"{arch}.attention.key_length", hidden // num_heads),
+        rms_norm_eps=_field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=_field(f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=_field(f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        bos_token_id=_field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[i for i in eos_ids if i is not None],
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        pad_token_id=_field("tokenizer.ggml.padding_token_id"),
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
-        sliding_window=_field(reader, f"{arch}.attention.sliding_window"),
-        name=_field(reader, "general.name", ""),
+        sliding_window=_field(f"{arch}.attention.sliding_window"),
+        name=_field("general.name", ""),
     )
     if arch == "gemma3":
         # Not in the GGUF: Gemma 3 puts a global layer after every five sliding ones, whose rope base is 10k.
@@ -101,18 +98,18 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     config = read_config(reader)
-    arch = _field(reader, "general.architecture")
+    arch = reader.get("general.architecture")
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name, arch)
         if name is None:
             continue  # e.g. rope_freqs
-        # GGUF lists dimensions fastest-first; numpy's shape is the reverse, which is torch's [out, in].
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+        array = gguf.quants.dequantize(reader.tensor_bytes(tensor), tensor.qtype)
+        # NOTE: copy when the result still points into the read-only file mapping (F32 tensors).
+        array = np.array(array, dtype=np.float32, copy=not array.flags.writeable).reshape(tensor.shape)
+        weight = torch.from_numpy(array)
         if arch == "gemma3" and name.endswith("norm.weight"):
             weight = weight - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales
         if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "q_proj.bias")):
