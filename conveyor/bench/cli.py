@@ -1,8 +1,9 @@
-"""`conveyor bench ...`: benchmark commands that print figures and save them as JSON."""
+"""`conveyor bench throughput | serve | sweep`: benchmarks that print figures and save JSON and pictures."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -10,56 +11,182 @@ from pathlib import Path
 from conveyor.cli import add_engine_args, engine_config_from_args
 
 
-def _throughput(args: argparse.Namespace) -> int:
-    from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static
+def _add_workload_args(parser: argparse.ArgumentParser, seed: int, num_requests: int) -> None:
+    group = parser.add_argument_group("workload (W1 generator)")
+    group.add_argument("--seed", type=int, default=seed)
+    group.add_argument("--num-requests", type=int, default=num_requests)
+    group.add_argument("--min-input", type=int, default=32)
+    group.add_argument("--max-input", type=int, default=512)
+    group.add_argument("--min-output", type=int, default=16)
+    group.add_argument("--max-output", type=int, default=256)
+    group.add_argument("--token-id-range", nargs=2, type=int, default=[1000, 200000], metavar=("LOW", "HIGH"),
+                       help="prompt token ids are drawn from [LOW, HIGH)")
+    group.add_argument("--bos-id", type=int, default=2)
+
+
+def _workload(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from conveyor.bench.workloads import w1_requests
+
+    return w1_requests(seed=args.seed, num_requests=args.num_requests, min_input=args.min_input,
+                       max_input=args.max_input, min_output=args.min_output, max_output=args.max_output,
+                       bos_id=args.bos_id, token_ids=tuple(args.token_id_range))
+
+
+def _write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"saved {path}")
+
+
+# ---- throughput ----------------------------------------------------------------------------------
+
+def _throughput(args: argparse.Namespace) -> int:
+    from conveyor.bench import plots
+    from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static, steps_between
     from conveyor.engine.engine import LLMEngine
 
-    requests = w1_requests(seed=args.seed, num_requests=args.num_requests, min_input=args.min_input,
-                           max_input=args.max_input, min_output=args.min_output, max_output=args.max_output)
-    engine = LLMEngine(engine_config_from_args(args))
-    # Warm up kernels and allocator so neither mode pays first-call costs.
-    run_continuous(engine, requests[:2])
+    requests = _workload(args)
+    config = engine_config_from_args(args)
+    config.max_num_seqs = max(config.max_num_seqs, *args.static_batch_sizes)
+    engine = LLMEngine(config)
+    run_continuous(engine, requests[:2])  # warm-up: first-call costs land on neither mode
     results = []
+    pictures: list[tuple[str, Path]] = []
+    out_dir = Path(args.plots_dir)
     for mode in args.modes:
         if mode == "continuous":
             results.append(run_continuous(engine, requests))
         elif mode == "static":
-            results.append(run_static(engine, requests, args.static_batch_size, engine.tokenizer.pad_token_id or 0))
+            for batch_size in args.static_batch_sizes:
+                results.append(run_static(engine, requests, batch_size, engine.tokenizer.pad_token_id or 0))
+                print(_row(results[-1]), flush=True)
+            continue
+        elif mode == "hf":
+            results += _hf_runs(engine, requests, args.hf_batch_sizes)
+            continue
         print(_row(results[-1]), flush=True)
+    for result in results:
+        if result.request_ids and engine.trace is not None:
+            steps = steps_between(engine, *result.step_range)
+            useful = None
+            if result.mode.startswith("static"):
+                useful = {rid: r.output_len - 1 for rid, r in zip(result.request_ids, requests)}
+            slug = result.mode.split()[0] + (f"_{result.settings['batch_size']}" if useful else "")
+            pictures.append((f"batch composition: {result.mode}",
+                             plots.plot_timeline(steps, out_dir / f"timeline_{slug}.png", result.mode, useful)))
+            pictures.append((f"KV cache and queues: {result.mode}",
+                             plots.plot_cache_and_queues(steps, out_dir / f"cache_{slug}.png", result.mode)))
+    if pictures:
+        plots.write_html(pictures, out_dir / "throughput.html", "conveyor: W1 throughput")
+        print(f"pictures in {out_dir}/throughput.html")
     print(f"peak RSS: {peak_rss_bytes() / 2**30:.2f} GiB")
-    by_mode = {r.mode.split()[0]: r for r in results}
-    if "continuous" in by_mode and "static" in by_mode:
-        ratio = by_mode["continuous"].output_tokens_per_second / by_mode["static"].output_tokens_per_second
-        print(f"continuous / static output tokens/s: {ratio:.2f}x")
-    report = {"workload": "W1", "seed": args.seed, "num_requests": args.num_requests, "time": time.time(),
-              "peak_rss_bytes": peak_rss_bytes(), "results": [r.to_dict() for r in results]}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    continuous = [r for r in results if r.mode == "continuous"]
+    for baseline in (r for r in results if r.mode != "continuous"):
+        if continuous:
+            ratio = continuous[0].output_tokens_per_second / baseline.output_tokens_per_second
+            print(f"continuous / {baseline.mode}: {ratio:.2f}x output tokens/s")
+    _write_json(args.output, {"workload": "W1", "seed": args.seed, "num_requests": args.num_requests,
+                              "time": time.time(), "peak_rss_bytes": peak_rss_bytes(),
+                              "results": [r.to_dict() for r in results]})
     if args.trace_output and engine.trace is not None:
         engine.trace.to_jsonl(args.trace_output)
-    print(f"saved {args.output}")
     return 0
 
 
+def _hf_runs(engine, requests, batch_sizes: list[int]) -> list:  # type: ignore[no-untyped-def]
+    from conveyor.bench.hf_baseline import hf_model_from_tensors, run_hf_static
+    from conveyor.model.loader import load_model_weights
+
+    config, tensors = load_model_weights(engine.model_path)
+    model = hf_model_from_tensors(config, tensors)
+    results = []
+    for batch_size in batch_sizes:
+        results.append(run_hf_static(model, requests, batch_size, engine.tokenizer.pad_token_id or 0))
+        print(_row(results[-1]), flush=True)
+    return results
+
+
 def _row(result) -> str:  # type: ignore[no-untyped-def]
-    return (f"{result.mode:>20}: {result.wall_seconds:8.1f} s  {result.output_tokens_per_second:8.1f} output tok/s  "
-            f"{result.total_tokens_per_second:8.1f} total tok/s  {result.num_steps:5d} steps  "
+    return (f"{result.mode:>34}: {result.wall_seconds:8.1f} s  {result.output_tokens_per_second:7.1f} output tok/s"
+            f"  {result.total_tokens_per_second:7.1f} total tok/s  {result.num_steps:5d} steps  "
             f"overhead {100 * result.overhead_fraction:4.1f}%  padding {result.padding_tokens} tokens")
+
+
+# ---- serve and sweep -----------------------------------------------------------------------------
+
+def _serve_settings(args: argparse.Namespace, rate: float, concurrency: int | None):  # type: ignore[no-untyped-def]
+    from conveyor.bench.serve import ServeSettings
+
+    return ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, request_rate=rate,
+                         burstiness=args.burstiness, max_concurrency=concurrency, seed=args.seed,
+                         slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from conveyor.bench.serve import format_summary, run_serve_benchmark
+
+    settings = _serve_settings(args, args.request_rate, args.max_concurrency)
+    summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+    print(format_summary(summary))
+    _write_json(args.output, summary)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from conveyor.bench import plots
+    from conveyor.bench.serve import format_summary, run_serve_benchmark
+
+    if bool(args.request_rates) == bool(args.concurrencies):
+        raise SystemExit("conveyor bench sweep: give --request-rates or --concurrencies")
+    points = []
+    for value in args.request_rates or args.concurrencies:
+        settings = (_serve_settings(args, value, None) if args.request_rates
+                    else _serve_settings(args, float("inf"), int(value)))
+        summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+        print(format_summary(summary), flush=True)
+        summary["x"] = value
+        summary["x_label"] = "request rate (req/s)" if args.request_rates else "max concurrency"
+        points.append(summary)
+    out_dir = Path(args.plots_dir)
+    picture = plots.plot_sweep(points, out_dir / "sweep.png", "throughput and p99 TTFT")
+    plots.write_html([("throughput and p99 TTFT", picture)], out_dir / "sweep.html", "conveyor: serve sweep")
+    _write_json(args.output, {"points": points})
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    throughput = bench.add_parser("throughput", help="W1 offline throughput: continuous vs static batching")
-    throughput.add_argument("--seed", type=int, default=1234)
-    throughput.add_argument("--num-requests", type=int, default=64)
-    throughput.add_argument("--min-input", type=int, default=32)
-    throughput.add_argument("--max-input", type=int, default=512)
-    throughput.add_argument("--min-output", type=int, default=16)
-    throughput.add_argument("--max-output", type=int, default=256)
-    throughput.add_argument("--modes", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
-    throughput.add_argument("--static-batch-size", type=int, default=16)
+
+    throughput = bench.add_parser("throughput", help="W1 offline throughput: continuous vs static batching "
+                                  "(conveyor's own static mode, and transformers' padded generate)")
+    _add_workload_args(throughput, seed=1234, num_requests=64)
+    throughput.add_argument("--modes", nargs="+", default=["continuous", "static"],
+                            choices=["continuous", "static", "hf"])
+    throughput.add_argument("--static-batch-sizes", nargs="+", type=int, default=[16, 64])
+    throughput.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16])
     throughput.add_argument("--output", default="bench_results/throughput.json")
+    throughput.add_argument("--plots-dir", default="bench_results")
     throughput.add_argument("--trace-output", default=None, help="write the step trace as JSONL")
     add_engine_args(throughput)
     throughput.set_defaults(handler=_throughput)
+
+    for name, handler, help_text in (("serve", _serve, "W2 online benchmark against an OpenAI-compatible server"),
+                                     ("sweep", _sweep, "the serve benchmark over request rates or concurrencies")):
+        parser = bench.add_parser(name, help=help_text)
+        _add_workload_args(parser, seed=42, num_requests=64)
+        parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+        parser.add_argument("--model-name", default=None, help="default: the server's first model")
+        parser.add_argument("--api-key", default=None)
+        parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
+        parser.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
+        parser.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on TPOT, seconds")
+        if name == "serve":
+            parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+            parser.add_argument("--max-concurrency", type=int, default=None)
+            parser.add_argument("--output", default="bench_results/serve.json")
+        else:
+            parser.add_argument("--request-rates", nargs="+", type=float, default=None)
+            parser.add_argument("--concurrencies", nargs="+", type=int, default=None)
+            parser.add_argument("--output", default="bench_results/sweep.json")
+            parser.add_argument("--plots-dir", default="bench_results")
+        parser.set_defaults(handler=handler)

@@ -30,6 +30,8 @@ class ThroughputResult:
     overhead_fraction: float  # step time outside forward + sampling, over steps with a full batch
     padding_tokens: int = 0  # static mode: pad and idle-slot tokens computed for nothing
     settings: dict = field(default_factory=dict)
+    request_ids: list[str] = field(default_factory=list)  # engine ids, in workload order
+    step_range: tuple[int, int] = (0, 0)  # [first, last) engine steps of this run, for the step trace
 
     @property
     def output_tokens_per_second(self) -> float:
@@ -40,7 +42,8 @@ class ThroughputResult:
         return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "output_tokens_per_second": self.output_tokens_per_second,
+        fields = {k: v for k, v in asdict(self).items() if k != "request_ids"}
+        return {**fields, "output_tokens_per_second": self.output_tokens_per_second,
                 "total_tokens_per_second": self.total_tokens_per_second}
 
 
@@ -52,8 +55,8 @@ def _greedy(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
-def _steps_since(engine: LLMEngine, first_step: int) -> list[StepRecord]:
-    return [s for s in (engine.trace or []) if s.step_index >= first_step]
+def steps_between(engine: LLMEngine, first_step: int, end_step: int | None = None) -> list[StepRecord]:
+    return [s for s in (engine.trace or []) if first_step <= s.step_index < (end_step or 1 << 62)]
 
 
 def _overhead_fraction(steps: list[StepRecord], min_running: int) -> float:
@@ -66,20 +69,21 @@ def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> Throughpu
     """Submit everything at once and let the scheduler batch continuously."""
     first_step = engine.step_index
     started = time.perf_counter()
-    for i, request in enumerate(requests):
-        engine.add_request(request.prompt_token_ids, _greedy(request.output_len), request_id=f"c{first_step}-{i}")
+    request_ids = [f"c{first_step}-{i}" for i in range(len(requests))]
+    for request_id, request in zip(request_ids, requests):
+        engine.add_request(request.prompt_token_ids, _greedy(request.output_len), request_id=request_id)
     output_tokens = 0
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
     wall = time.perf_counter() - started
-    steps = _steps_since(engine, first_step)
+    steps = steps_between(engine, first_step)
     return ThroughputResult(
         mode="continuous", num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens,
         num_steps=len(steps), overhead_fraction=_overhead_fraction(steps, engine.config.max_num_seqs),
-        settings=_settings(engine))
+        settings=_settings(engine), request_ids=request_ids, step_range=(first_step, engine.step_index))
 
 
 def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
@@ -91,6 +95,7 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
     first_step = engine.step_index
     started = time.perf_counter()
     padding = 0
+    request_ids = [f"s{first_step}-{i}" for i in range(len(requests))]
     for batch_start in range(0, len(requests), batch_size):
         batch = requests[batch_start:batch_start + batch_size]
         prompt_len = max(len(r.prompt_token_ids) for r in batch)
@@ -99,17 +104,18 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
             pads = prompt_len - len(request.prompt_token_ids)
             padding += pads + (output_len - request.output_len)
             engine.add_request([pad_token_id] * pads + request.prompt_token_ids, _greedy(output_len),
-                               request_id=f"s{first_step}-{batch_start + i}")
+                               request_id=request_ids[batch_start + i])
         while engine.has_unfinished_requests():
             engine.step()
     wall = time.perf_counter() - started
-    steps = _steps_since(engine, first_step)
+    steps = steps_between(engine, first_step)
     return ThroughputResult(
         mode=f"static (batch {batch_size})", num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests), num_steps=len(steps),
         overhead_fraction=_overhead_fraction(steps, batch_size), padding_tokens=padding,
-        settings={**_settings(engine), "batch_size": batch_size})
+        settings={**_settings(engine), "batch_size": batch_size}, request_ids=request_ids,
+        step_range=(first_step, engine.step_index))
 
 
 def _settings(engine: LLMEngine) -> dict:

@@ -1,0 +1,101 @@
+"""Pictures of what the engine did: batch-composition timelines, cache and queue over time, sweeps."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: write files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from conveyor.engine.trace import StepRecord  # noqa: E402
+
+_EMPTY, _PREFILL, _DECODE, _IDLE = 0, 1, 2, 3
+_COLORS = ListedColormap(["#ffffff", "#f28e2b", "#4e79a7", "#d3d3d3"])
+
+
+def timeline_matrix(steps: list[StepRecord], useful_decodes: dict[str, int] | None = None
+                    ) -> tuple[np.ndarray, list[str]]:
+    """[request, step] -> empty / prefill / decode / idle. A decode beyond a request's useful count (static
+    batching keeps finished requests in the batch until its longest is done) is idle."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for step in steps:
+        for entry in step.scheduled:
+            if entry.request_id not in seen:
+                seen.add(entry.request_id)
+                order.append(entry.request_id)
+    row = {request_id: i for i, request_id in enumerate(order)}
+    matrix = np.zeros((len(order), len(steps)), dtype=np.int8)
+    decodes: dict[str, int] = {}
+    for column, step in enumerate(steps):
+        for entry in step.scheduled:
+            kind = _PREFILL if entry.kind == "prefill" else _DECODE
+            if kind == _DECODE:
+                decodes[entry.request_id] = decodes.get(entry.request_id, 0) + 1
+                if useful_decodes is not None and decodes[entry.request_id] > useful_decodes.get(entry.request_id, 1 << 30):
+                    kind = _IDLE
+            matrix[row[entry.request_id], column] = kind
+    return matrix, order
+
+
+def plot_timeline(steps: list[StepRecord], path: Path, title: str,
+                  useful_decodes: dict[str, int] | None = None) -> Path:
+    matrix, order = timeline_matrix(steps, useful_decodes)
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.08 * len(order) + 1.5)))
+    ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=_COLORS, vmin=0, vmax=3)
+    ax.set_xlabel("engine step")
+    ax.set_ylabel(f"request (arrival order, {len(order)})")
+    ax.set_title(title)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS(i)) for i in (_PREFILL, _DECODE, _IDLE)]
+    ax.legend(handles, ["prefill chunk", "decode", "idle slot (padding)"], loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_cache_and_queues(steps: list[StepRecord], path: Path, title: str) -> Path:
+    start = steps[0].start_time if steps else 0.0
+    times = [s.start_time - start for s in steps]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
+    top.plot(times, [100 * s.kv_blocks_used / max(1, s.kv_blocks_total) for s in steps], color="#59a14f")
+    top.set_ylabel("KV cache used (%)")
+    top.set_title(title)
+    bottom.plot(times, [s.num_running for s in steps], label="running")
+    bottom.plot(times, [s.num_waiting for s in steps], label="waiting")
+    bottom.set_xlabel("seconds")
+    bottom.set_ylabel("requests")
+    bottom.legend()
+    return _save(fig, path)
+
+
+def plot_sweep(points: list[dict], path: Path, title: str) -> Path:
+    """Throughput and p99 TTFT against request rate (or concurrency), one point per serve run."""
+    x = [p["x"] for p in points]
+    fig, left = plt.subplots(figsize=(9, 5))
+    left.plot(x, [p["output_throughput"] for p in points], "o-", color="#4e79a7", label="output tok/s")
+    left.set_xlabel(points[0]["x_label"] if points else "request rate (req/s)")
+    left.set_ylabel("output tokens/s", color="#4e79a7")
+    right = left.twinx()
+    right.plot(x, [p["ttft_s"]["p99"] for p in points], "s--", color="#e15759", label="p99 TTFT")
+    right.set_ylabel("p99 TTFT (s)", color="#e15759")
+    left.set_title(title)
+    return _save(fig, path)
+
+
+def write_html(pictures: list[tuple[str, Path]], path: Path, title: str) -> Path:
+    body = "\n".join(f"<h2>{html.escape(caption)}</h2>\n<img src=\"{picture.name}\" style=\"max-width:100%\">"
+                     for caption, picture in pictures)
+    path.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+                    f"</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    return path
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,156 @@
+"""Online serving benchmark (W2) against any OpenAI-compatible `/v1/completions` server.
+
+Token-id prompts from the W1 generator, `max_tokens = output_len`, `ignore_eos`, greedy, streamed.
+Arrivals follow a gamma process (burstiness 1.0 = Poisson; lower = burstier) at `request_rate`
+requests/s, or requests are sent as fast as `max_concurrency` allows. Per request: TTFT, TPOT (time per
+output token after the first), inter-token latencies and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import numpy as np
+
+from conveyor.bench.workloads import BenchRequest
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    output_len: int  # asked for
+    success: bool
+    generated: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float:
+        return (self.e2e - self.ttft) / (self.generated - 1) if self.generated > 1 else 0.0
+
+
+@dataclass
+class ServeSettings:
+    base_url: str
+    model: str | None = None
+    request_rate: float = float("inf")  # requests/s; inf = all at once
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    seed: int = 0
+    slo_ttft: float = 2.0  # seconds, for goodput
+    slo_tpot: float = 0.2
+    api_key: str | None = None
+
+
+def arrival_delays(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Gaps between arrivals: gamma with mean 1/rate; shape = burstiness (1.0 is Poisson)."""
+    if rate == float("inf"):
+        return [0.0] * count
+    rng = np.random.default_rng(seed)
+    return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=count).tolist()
+
+
+async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, request: BenchRequest) -> RequestResult:
+    result = RequestResult(len(request.prompt_token_ids), request.output_len, success=False)
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    last = started
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    result.generated = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if result.ttft == 0.0:
+                    result.ttft = now - started
+                else:
+                    result.itls.append(now - last)
+                last = now
+        result.e2e = time.perf_counter() - started
+        result.success = result.generated == request.output_len
+        if not result.success:
+            result.error = f"generated {result.generated} of {request.output_len} tokens"
+    except httpx.HTTPError as error:
+        result.error = repr(error)
+    return result
+
+
+async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSettings) -> dict:
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
+                                 limits=limits) as client:
+        model = settings.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        gate = asyncio.Semaphore(settings.max_concurrency or len(requests))
+
+        async def limited(request: BenchRequest) -> RequestResult:
+            async with gate:
+                return await _one(client, settings, model, request)
+
+        started = time.perf_counter()
+        tasks = []
+        for request, delay in zip(requests, arrival_delays(len(requests), settings.request_rate,
+                                                           settings.burstiness, settings.seed)):
+            tasks.append(asyncio.ensure_future(limited(request)))
+            await asyncio.sleep(delay)
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - started
+    return summarize(results, duration, settings, model)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    array = np.asarray(values)
+    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
+            "p90": float(np.percentile(array, 90)), "p99": float(np.percentile(array, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float, settings: ServeSettings, model: str) -> dict:
+    ok = [r for r in results if r.success]
+    good = [r for r in ok if r.ttft <= settings.slo_ttft and r.tpot <= settings.slo_tpot]
+    output_tokens = sum(r.generated for r in ok)
+    return {
+        "settings": {**asdict(settings), "request_rate": str(settings.request_rate), "model": model},
+        "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": output_tokens / duration,
+        "total_token_throughput": (output_tokens + sum(r.prompt_len for r in ok)) / duration,
+        "goodput": len(good) / duration,
+        "ttft_s": _percentiles([r.ttft for r in ok]),
+        "tpot_s": _percentiles([r.tpot for r in ok if r.generated > 1]),
+        "itl_s": _percentiles([itl for r in ok for itl in r.itls]),
+        "e2e_s": _percentiles([r.e2e for r in ok]),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    def row(name: str, values: dict[str, float]) -> str:
+        return (f"  {name:<5} mean {values['mean'] * 1000:8.1f}  p50 {values['p50'] * 1000:8.1f}  "
+                f"p90 {values['p90'] * 1000:8.1f}  p99 {values['p99'] * 1000:8.1f} ms")
+
+    return "\n".join([
+        f"rate {summary['settings']['request_rate']} req/s, burstiness {summary['settings']['burstiness']}: "
+        f"{summary['completed']}/{summary['num_requests']} completed in {summary['duration_s']:.1f} s",
+        f"  request throughput {summary['request_throughput']:.2f} req/s, output {summary['output_throughput']:.1f} "
+        f"tok/s, goodput {summary['goodput']:.2f} req/s",
+        row("TTFT", summary["ttft_s"]), row("TPOT", summary["tpot_s"]), row("ITL", summary["itl_s"]),
+        row("E2E", summary["e2e_s"]),
+    ])
