@@ -108,3 +108,13 @@ def test_llm_generate_text_prompts_stop_strings_and_n(gemma_dir: Path) -> None:
     assert [c.index for c in sampled.outputs] == [0, 1, 2]
     [again] = llm.generate("hello", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in sampled.outputs]
+
+
+def test_llm_generate_refuses_the_whole_call_when_one_prompt_cannot_fit(gemma_dir: Path) -> None:
+    llm = LLM(str(gemma_dir), block_size=4, num_kv_blocks=256, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([TARGET, [1] * 80], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.scheduler.kv_cache.num_used_blocks == 0
+    [output] = llm.generate([TARGET], GREEDY)  # the engine is still fine
+    assert len(output.outputs[0].token_ids) == 16

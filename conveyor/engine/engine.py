@@ -1,7 +1,7 @@
 """LLMEngine: one `step()` = schedule, run the model on the flat batch, sample, update, emit outputs.
 
 The engine owns the tokenizer, the scheduler and the model runner. It is synchronous and single-threaded;
-`conveyor.engine.async_engine` runs it in a background loop for the server, and `conveyor.entrypoints`'s
+`conveyor.engine.async_engine` runs it in a background loop for the server, and `conveyor.engine.llm`'s
 `LLM` drives it for offline batches.
 """
 

@@ -55,10 +55,9 @@ class LLM:
                     request = engine.add_request(prompt, child)
                     children[request.request_id] = (index, sample)
                     added.append(request.request_id)
-        except ValueError:
+        except ValueError:  # refuse the whole call: nothing of it stays queued
             for request_id in added:
                 engine.abort_request(request_id)
-            engine.step()  # flush the aborted outputs
             raise
         finals: dict[str, RequestOutput] = {}
         show = use_tqdm if use_tqdm is not None else len(children) >= 8
