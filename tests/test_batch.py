@@ -39,13 +39,27 @@ def test_decode_mask_covers_exactly_the_context_and_the_window() -> None:
     long = _scheduled("b", 11, 10, 1, [4, 2, 9])
     output = SchedulerOutput(0, [short, long])
     full = build_model_input(output, BLOCK, None, torch.device("cpu")).attention.full
-    assert full.decode_blocks.tolist() == [[1, 0, 0], [4, 2, 9]]
-    assert full.decode_mask[:, 0, 0].sum(-1).tolist() == [3, 11]
+    # Lengths 3 and 11 are too different to share a padded call: two groups, longest first.
+    assert [g.token_indices.tolist() for g in full.decode_groups] == [[1], [0]]
+    assert [g.blocks.tolist() for g in full.decode_groups] == [[[4, 2, 9]], [[1]]]
+    assert [int(g.mask.sum()) for g in full.decode_groups] == [11, 3]
     sliding = build_model_input(output, BLOCK, 5, torch.device("cpu")).attention.sliding
     # Request b's query at position 10 sees keys 6..10: blocks 1 and 2 of its table, i.e. 2 and 9.
-    assert sliding.decode_blocks[1].tolist()[:2] == [2, 9]
-    visible = sliding.decode_mask[1, 0, 0].nonzero().flatten().tolist()
+    [group] = sliding.decode_groups  # within the window both rows see at most 2 blocks: one call
+    assert group.token_indices.tolist() == [1, 0] and group.blocks[0].tolist() == [2, 9]
+    visible = group.mask[0, 0, 0].nonzero().flatten().tolist()
     assert [4 + i for i in visible] == [6, 7, 8, 9, 10]
+
+
+def test_decode_rows_of_similar_length_share_a_group_with_little_padding() -> None:
+    rows = [_scheduled(str(i), n, n - 1, 1, list(range(100 * i, 100 * i + 40))) for i, n in
+            enumerate([150, 40, 148, 10, 41, 160])]
+    groups = build_model_input(SchedulerOutput(0, rows), BLOCK, None, torch.device("cpu")).attention.full.decode_groups
+    assert sorted(i for g in groups for i in g.token_indices.tolist()) == list(range(6))
+    for group in groups:
+        real = int(group.mask.sum())
+        assert real / (group.mask.shape[-1] * len(group.token_indices)) > 0.6  # padding stays bounded
+    assert len(groups) == 3  # {160, 150, 148}, {41, 40}, {10}
 
 
 def test_sliding_prefill_chunk_sees_only_its_window() -> None:

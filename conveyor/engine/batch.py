@@ -3,7 +3,8 @@
 The step's tokens are concatenated with no padding: `input_ids[T]`, `positions[T]`, `slot_mapping[T]`
 (where each new K/V goes in the paged cache). Attention metadata is built once per step and shared by
 all layers of a kind (full-context or sliding-window): decode rows get a gather table of their blocks and
-a mask; prefill chunks get their key slots and a causal (windowed) mask.
+a mask; prefill chunks get their key slots and a causal (windowed) mask. Decode rows are grouped by
+context length, so a short row is not padded up to the longest one in the step.
 """
 
 from __future__ import annotations
@@ -27,19 +28,26 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token rows of similar context length, attended in one batched call."""
+
+    token_indices: torch.Tensor  # [D] rows of the flat batch
+    blocks: torch.Tensor  # [D, num_gathered_blocks] block ids per row (0 = padding)
+    mask: torch.Tensor  # [D, 1, 1, num_gathered_blocks * block_size] bool
+
+
+@dataclass
 class WindowView:
     """Attention inputs for one kind of layer (full context, or a sliding window)."""
 
     prefills: list[PrefillChunk]
-    decode_blocks: torch.Tensor  # [D, num_gathered_blocks] block ids per decode row (0 = padding)
-    decode_mask: torch.Tensor  # [D, 1, 1, num_gathered_blocks * block_size] bool
+    decode_groups: list[DecodeGroup]
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int
-    decode_token_indices: torch.Tensor  # [D] rows of the flat batch that are single-token steps
     full: WindowView
     sliding: WindowView  # the same object as `full` when the model has no sliding window
 
@@ -60,8 +68,7 @@ def build_model_input(output: SchedulerOutput, block_size: int, sliding_window: 
     slot_mapping: list[int] = []
     logits_indices: list[int] = []
     sampling_requests: list[Request] = []
-    decode_rows: list[int] = []
-    decode_entries: list[tuple[list[int], int]] = []  # (block table, context length after the step)
+    decode_entries: list[tuple[int, list[int], int]] = []  # (row, block table, context length after the step)
     prefill_entries: list[tuple[int, int, list[int], int, int]] = []  # (q_start, q_end, blocks, start, end)
 
     for scheduled in output.scheduled:
@@ -72,8 +79,7 @@ def build_model_input(output: SchedulerOutput, block_size: int, sliding_window: 
         blocks = scheduled.block_ids
         slot_mapping.extend(blocks[i // block_size] * block_size + i % block_size for i in range(start, end))
         if end - start == 1:
-            decode_rows.append(row)
-            decode_entries.append((blocks, end))
+            decode_entries.append((row, blocks, end))
         else:
             prefill_entries.append((row, row + end - start, blocks, start, end))
         if scheduled.samples:
@@ -81,15 +87,15 @@ def build_model_input(output: SchedulerOutput, block_size: int, sliding_window: 
             sampling_requests.append(request)
 
     def view(window: int | None) -> WindowView:
-        blocks, mask = _decode_gather(decode_entries, block_size, window, device)
+        groups = [_decode_group(group, block_size, window, device)
+                  for group in _group_by_length(decode_entries, block_size, window)]
         prefills = [_prefill_chunk(*entry, block_size, window, device) for entry in prefill_entries]
-        return WindowView(prefills, blocks, mask)
+        return WindowView(prefills, groups)
 
     full = view(None)
     attention = AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        num_decodes=len(decode_rows),
-        decode_token_indices=torch.tensor(decode_rows, dtype=torch.long, device=device),
+        num_decodes=len(decode_entries),
         full=full,
         sliding=view(sliding_window) if sliding_window is not None else full,
     )
@@ -107,26 +113,40 @@ def _first_visible_key(query_position: int, window: int | None) -> int:
     return 0 if window is None else max(0, query_position - window + 1)
 
 
-def _decode_gather(entries: list[tuple[list[int], int]], block_size: int, window: int | None,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per decode row: the blocks holding its visible keys, padded to a common count, and the mask."""
-    if not entries:
-        empty = torch.zeros((0, 1), dtype=torch.long, device=device)
-        return empty, torch.zeros((0, 1, 1, block_size), dtype=torch.bool, device=device)
-    first_blocks = [_first_visible_key(length - 1, window) // block_size for _, length in entries]
-    num_gathered = max((length + block_size - 1) // block_size - first
-                       for (_, length), first in zip(entries, first_blocks))
+def _num_visible_blocks(length: int, block_size: int, window: int | None) -> int:
+    return -(-length // block_size) - _first_visible_key(length - 1, window) // block_size
+
+
+def _group_by_length(entries: list[tuple[int, list[int], int]], block_size: int, window: int | None,
+                     slack: float = 1.3) -> list[list[tuple[int, list[int], int]]]:
+    """Longest first; a row joins the current group while the group's longest is within `slack` of it."""
+    ordered = sorted(entries, key=lambda e: -_num_visible_blocks(e[2], block_size, window))
+    groups: list[list[tuple[int, list[int], int]]] = []
+    for entry in ordered:
+        blocks = _num_visible_blocks(entry[2], block_size, window)
+        if not groups or _num_visible_blocks(groups[-1][0][2], block_size, window) > slack * blocks + 1:
+            groups.append([])
+        groups[-1].append(entry)
+    return groups
+
+
+def _decode_group(entries: list[tuple[int, list[int], int]], block_size: int, window: int | None,
+                  device: torch.device) -> DecodeGroup:
+    """Per row: the blocks holding its visible keys, padded to the group's longest, and the mask."""
+    first_blocks = [_first_visible_key(length - 1, window) // block_size for _, _, length in entries]
+    num_gathered = max(_num_visible_blocks(length, block_size, window) for _, _, length in entries)
     table = torch.zeros((len(entries), num_gathered), dtype=torch.long)
-    lengths = torch.tensor([length for _, length in entries])
-    first_keys = torch.tensor([_first_visible_key(length - 1, window) for _, length in entries])
-    for row, ((blocks, _), first) in enumerate(zip(entries, first_blocks)):
+    for row, ((_, blocks, _), first) in enumerate(zip(entries, first_blocks)):
         used = blocks[first:first + num_gathered]
         table[row, :len(used)] = torch.tensor(used, dtype=torch.long)
+    lengths = torch.tensor([length for _, _, length in entries])
+    first_keys = torch.tensor([_first_visible_key(length - 1, window) for _, _, length in entries])
     # Absolute position of every gathered slot, to mask what lies outside [first key, length).
     key_positions = (torch.tensor(first_blocks)[:, None] * block_size
                      + torch.arange(num_gathered * block_size)[None, :])
     mask = (key_positions >= first_keys[:, None]) & (key_positions < lengths[:, None])
-    return table.to(device), mask[:, None, None, :].to(device)
+    rows = torch.tensor([row for row, _, _ in entries], dtype=torch.long)
+    return DecodeGroup(rows.to(device), table.to(device), mask[:, None, None, :].to(device))
 
 
 def _prefill_chunk(query_start: int, query_end: int, blocks: list[int], start: int, end: int,

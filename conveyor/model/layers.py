@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor.engine.batch import AttentionMetadata, WindowView
+from conveyor.engine.batch import AttentionMetadata, DecodeGroup
 
 
 class RMSNorm(nn.Module):
@@ -86,8 +86,9 @@ class PagedAttention(nn.Module):
     """Attention over the paged KV cache, one request's queries against that request's keys only.
 
     The step's new K/V are written into the cache at `slot_mapping` first; then
-    - all single-token decode rows attend in one batched call: each gathers its own blocks (the whole
-      context, or only the sliding window), and a per-row mask hides slots past its length;
+    - single-token decode rows attend in batched calls, one per group of similar lengths: each row
+      gathers its own blocks (the whole context, or only the sliding window), and a per-row mask hides
+      the slots outside it;
     - each prefill chunk attends alone, its queries against its cached prefix plus the chunk itself,
       causally (and within the window on sliding layers).
     """
@@ -111,24 +112,24 @@ class PagedAttention(nn.Module):
 
         view = meta.sliding if self.sliding_window is not None else meta.full
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            out[meta.decode_token_indices] = self._decode(q[meta.decode_token_indices], k_cache, v_cache, view)
+        for group in view.decode_groups:
+            out[group.token_indices] = self._decode(q[group.token_indices], k_cache, v_cache, group)
         for chunk in view.prefills:
             rows = slice(chunk.query_start, chunk.query_end)
             keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)
             out[rows] = self._prefill(q[rows], keys, values, chunk.mask)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: WindowView) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         num_decodes = q.shape[0]
         # NOTE: index_select, not advanced indexing: on CPU it is an order of magnitude faster here.
-        blocks = view.decode_blocks.flatten()
+        blocks = group.blocks.flatten()
         keys = k_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
         values = v_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, Hq, 1, D]
             keys.transpose(1, 2), values.transpose(1, 2),  # [B, Hk, L, D]
-            attn_mask=view.decode_mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            attn_mask=group.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return out.squeeze(2)
 
