@@ -30,12 +30,13 @@ def test_w1_generator_matches_the_reference_recipe() -> None:
 def test_throughput_bench_writes_figures_and_pictures(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     output = tmp_path / "throughput.json"
     code = main(["bench", "throughput", "--model", str(tiny_model_dirs["llama"]), *TINY_WORKLOAD,
-                 "--modes", "continuous", "static", "hf", "--static-batch-sizes", "4", "--hf-batch-sizes", "4",
+                 "--modes", "continuous", "static", "hf", "hf-continuous", "--static-batch-sizes", "4",
+                 "--hf-batch-sizes", "4",
                  "--block-size", "4", "--num-kv-blocks", "512", "--output", str(output), "--plots-dir", str(tmp_path)])
     assert code == 0
     report = json.loads(output.read_text())
     modes = [r["mode"] for r in report["results"]]
-    assert modes == ["continuous", "static (batch 4)", "transformers static (batch 4)"]
+    assert modes == ["continuous", "static (batch 4)", "transformers static (batch 4)", "transformers continuous"]
     for result in report["results"]:
         assert result["output_tokens"] == sum(r.output_len for r in w1_requests(
             seed=1234, num_requests=6, min_input=8, max_input=40, min_output=4, max_output=12, bos_id=1,

@@ -61,8 +61,8 @@ def _throughput(args: argparse.Namespace) -> int:
                 results.append(run_static(engine, requests, batch_size, engine.tokenizer.pad_token_id or 0))
                 print(_row(results[-1]), flush=True)
             continue
-        elif mode == "hf":
-            results += _hf_runs(engine, requests, args.hf_batch_sizes)
+        elif mode in ("hf", "hf-continuous"):
+            results += _hf_runs(engine, requests, args.hf_batch_sizes if mode == "hf" else [])
             continue
         print(_row(results[-1]), flush=True)
     for result in results:
@@ -94,14 +94,16 @@ def _throughput(args: argparse.Namespace) -> int:
 
 
 def _hf_runs(engine, requests, batch_sizes: list[int]) -> list:  # type: ignore[no-untyped-def]
-    from conveyor.bench.hf_baseline import hf_model_from_tensors, run_hf_static
+    """transformers' padded static generate at each batch size, or (no batch sizes) its continuous batching."""
+    from conveyor.bench.hf_baseline import hf_model_from_tensors, run_hf_continuous, run_hf_static
     from conveyor.model.loader import load_model_weights
 
     config, tensors = load_model_weights(engine.model_path)
     model = hf_model_from_tensors(config, tensors)
+    runs = [lambda b=b: run_hf_static(model, requests, b, engine.tokenizer.pad_token_id or 0) for b in batch_sizes]
     results = []
-    for batch_size in batch_sizes:
-        results.append(run_hf_static(model, requests, batch_size, engine.tokenizer.pad_token_id or 0))
+    for run in runs or [lambda: run_hf_continuous(model, requests)]:
+        results.append(run())
         print(_row(results[-1]), flush=True)
     return results
 
@@ -161,7 +163,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                   "(conveyor's own static mode, and transformers' padded generate)")
     _add_workload_args(throughput, seed=1234, num_requests=64)
     throughput.add_argument("--modes", nargs="+", default=["continuous", "static"],
-                            choices=["continuous", "static", "hf"])
+                            choices=["continuous", "static", "hf", "hf-continuous"],
+                            help="hf: transformers' padded static generate; hf-continuous: its continuous batching")
     throughput.add_argument("--static-batch-sizes", nargs="+", type=int, default=[16, 64])
     throughput.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16])
     throughput.add_argument("--output", default="bench_results/throughput.json")

@@ -70,3 +70,35 @@ def run_hf_static(model, requests: list[BenchRequest], batch_size: int, pad_toke
         wall_seconds=time.perf_counter() - started, prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests), num_steps=0, overhead_fraction=0.0,
         padding_tokens=padding, settings={"batch_size": batch_size, "num_threads": torch.get_num_threads()})
+
+
+def run_hf_continuous(model, requests: list[BenchRequest]) -> ThroughputResult:  # type: ignore[no-untyped-def]
+    """transformers' own continuous batching (`init_continuous_batching`), each request with its own
+    max_new_tokens and no EOS, all submitted at once."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max(r.output_len for r in requests), do_sample=False)
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    started = time.perf_counter()
+    output_tokens = 0
+    try:
+        for i, request in enumerate(requests):
+            manager.add_request(request.prompt_token_ids, request_id=f"hf{i}", max_new_tokens=request.output_len,
+                                eos_token_id=-1)
+        finished = 0
+        while finished < len(requests):
+            result = manager.get_result(timeout=600)
+            if result is None:
+                raise RuntimeError("transformers' continuous batching stopped before finishing the workload")
+            if result.is_finished():
+                if result.error:
+                    raise RuntimeError(f"transformers' continuous batching failed: {result.error}")
+                finished += 1
+                output_tokens += len(result.generated_tokens)
+    finally:
+        manager.stop(block=True)
+    return ThroughputResult(
+        mode="transformers continuous", num_requests=len(requests), wall_seconds=time.perf_counter() - started,
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens, num_steps=0,
+        overhead_fraction=0.0, settings={"num_threads": torch.get_num_threads()})
