@@ -1,15 +1,25 @@
 """The continuous-batching scheduler: one rule, no prefill or decode phases (as in vLLM's v1 scheduler).
 
-Every request has `num_computed_tokens` (K/V in the cache) and `num_tokens` (prompt + generated). Each
-step spends a budget of `max_num_batched_tokens` tokens, bringing requests' computed counts toward their
-totals: running requests first (a decode costs one token; a chunked prompt continues), then waiting ones
-in arrival order, up to `max_num_seqs` running. Any prompt may be cut into chunks across steps. While
-requests are waiting, one prompt chunk takes at most a quarter of the budget, so a short request arriving
-behind a very long prompt gets its first token within a few steps instead of waiting out the whole prompt.
+Every request has `num_computed_tokens` (K/V in the cache) and `num_tokens` (prompt + generated). A step
+spends a budget of `max_num_batched_tokens` tokens bringing computed counts up to totals, in three passes:
 
-When the KV pool cannot hold a running request's next tokens, the newest running request is preempted by
-recompute: its blocks are freed and it goes back to the front of the queue with nothing computed. A
-request that could never fit is refused when it is added.
+1. Running requests, oldest first. A decode costs one token; an unfinished prompt continues. They already
+   hold KV blocks, and finishing them frees those blocks soonest.
+2. Waiting requests in arrival order, while fewer than `max_num_seqs` run. Admission never skips ahead of
+   a head of the queue that does not fit, so a large request is not overtaken forever by small ones.
+3. Budget still left goes back, oldest first, to prompt chunks that passes 1 and 2 held short.
+
+Any prompt may be chunked across steps. While a waiting request could take a free seat, passes 1 and 2 give
+one prompt chunk at most 1/PREFILL_CHUNK_SHARE of the budget. Without that cap a 2,000-token prompt under a
+256-token budget takes every token of eight steps, and a ten-token request behind it waits for all of them
+(head-of-line blocking); with it, the short request is admitted at the next step and samples in it. Pass 3
+returns whatever admission did not use, so the cap never leaves the machine idle.
+
+Memory: when the KV pool cannot hold a running request's next tokens, the newest running request is
+preempted by recompute (it has the least work invested): its blocks are freed and it goes back to the
+front of the queue with nothing computed, to recompute its prompt and generated tokens as one prefill.
+Admission never preempts. A request that could never run is refused in `add_request`, so neither
+preemption nor admission can loop forever.
 """
 
 from __future__ import annotations
@@ -25,17 +35,19 @@ from conveyor.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+PREFILL_CHUNK_SHARE = 4  # while a waiting request could take a free seat, a chunk first gets 1/4 of budget
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.long_prefill_threshold = max(config.block_size, config.max_num_batched_tokens // 4)
+        self.prefill_chunk_cap = max(1, config.max_num_batched_tokens // PREFILL_CHUNK_SHARE)
         self.kv_cache = KVCacheManager(num_kv_blocks, config.block_size)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.running: list[Request] = []  # in admission order: the newest, preempted first, is last
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
         self.step_index = 0
 
@@ -51,81 +63,104 @@ class Scheduler:
         return bool(self.requests)
 
     def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
         return self.requests.get(request_id)
 
     def add_request(self, request: Request) -> None:
         """Queue a request, or raise ValueError (changing nothing) if it could never run."""
-        prompt_len, max_tokens = request.num_prompt_tokens, request.sampling_params.max_tokens
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request_id, prompt_len = request.request_id, request.num_prompt_tokens
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_len >= self.max_model_len:
-            raise ValueError(f"the prompt has {prompt_len} tokens but max_model_len is {self.max_model_len}: "
-                             "no room is left for an output token")
-        if max_tokens is not None and prompt_len + max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is "
-                             f"{prompt_len + max_tokens} tokens, over max_model_len ({self.max_model_len})")
-        # The last sampled token never needs K/V, hence the -1.
-        most_tokens = (prompt_len + max_tokens if max_tokens is not None else self.max_model_len) - 1
-        pool_tokens = self.kv_cache.num_total_blocks * self.kv_cache.block_size
-        if most_tokens > pool_tokens:
-            raise ValueError(f"the request may need {most_tokens} tokens of KV cache but the whole pool holds "
-                             f"{pool_tokens}; raise kv_cache_memory or lower max_tokens")
-        self.requests[request.request_id] = request
+            raise ValueError(f"request {request_id!r}: the prompt has {prompt_len} tokens but max_model_len "
+                             f"is {self.max_model_len}; it must be shorter to leave room for an output token")
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            # NOTE: no limit means "until max_model_len" (the engine stops it there). Its SamplingParams
+            # may be shared with other requests, so the effective limit is not written back.
+            max_tokens = self.max_model_len - prompt_len
+        elif prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(f"request {request_id!r}: the prompt ({prompt_len} tokens) plus max_tokens "
+                             f"({max_tokens}) is {prompt_len + max_tokens} tokens, over max_model_len "
+                             f"({self.max_model_len})")
+        # NOTE: the last sampled token is never fed back to the model, so it needs no K/V: hence the -1.
+        kv_tokens = prompt_len + max_tokens - 1
+        num_blocks = self.kv_cache.num_blocks_for_tokens(kv_tokens)
+        pool_blocks = self.kv_cache.num_total_blocks
+        pool_tokens = pool_blocks * self.kv_cache.block_size
+        if num_blocks > pool_blocks:
+            raise ValueError(
+                f"request {request_id!r} may need {kv_tokens} tokens of KV cache ({num_blocks} blocks) but "
+                f"the whole KV pool holds {pool_tokens} tokens ({pool_blocks} blocks); lower max_tokens or "
+                "give the KV cache more memory (kv_cache_memory / num_kv_blocks)")
+        self.requests[request_id] = request
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first, then waiting ones (see the module docstring)."""
         budget = self.max_num_batched_tokens
-        # A prompt chunk is capped only when someone else is waiting for room.
-        capped, uncapped = self.long_prefill_threshold, self.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        planned: dict[Request, int] = {}  # request -> tokens this step, in output order
         preempted: list[str] = []
 
-        # 1. Running requests, oldest first.
+        # 1. Running requests, oldest first. The cap leaves room for pass 2 if it can admit anyone.
+        could_admit = bool(self.waiting) and len(self.running) < self.max_num_seqs
+        cap = self.prefill_chunk_cap if could_admit else self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = self._num_new_tokens(request, budget, capped if self.waiting else uncapped)
-            while not self.kv_cache.allocate_slots(request, num_new):
-                victim = self.running.pop()  # NOTE: the newest running request; possibly `request` itself
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
-            else:
-                scheduled.append(self._scheduled(request, num_new))
-                budget -= num_new
-                index += 1
-                continue
-            break  # `request` was the newest and got preempted: nobody is left after it
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, cap)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # NOTE: `request` was the newest running request and preempted itself: none follow
+            planned[request] = num_new
+            budget -= num_new
+            index += 1
 
-        # 2. Waiting requests, in arrival order. NOTE: not in a step that preempted: that would thrash.
+        # 2. Waiting requests, first come first served.
+        # NOTE: none in a step that preempted: they would take the blocks just freed and the victim would
+        # be preempted again next step (thrashing).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
-            num_new = self._num_new_tokens(request, budget, capped if len(self.waiting) > 1 else uncapped)
+            # NOTE: capped too, even the last in the queue: pass 3 then hands what is left to the oldest.
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.prefill_chunk_cap)
             if not self.kv_cache.allocate_slots(request, num_new):
-                break  # NOTE: no skipping ahead of the queue's head, so nothing starves
+                break  # NOTE: the head waits for blocks; skipping it could starve it behind smaller ones
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            scheduled.append(self._scheduled(request, num_new))
+            planned[request] = num_new
             budget -= num_new
 
+        # 3. Budget admission left unused goes back to chunks the cap held short, oldest first, as far as
+        # free blocks allow. NOTE: it never preempts: this is extra work, not owed work.
+        for request, num_new in list(planned.items()):
+            extra = min(request.num_tokens - request.num_computed_tokens - num_new, budget,
+                        self.kv_cache.num_allocatable_tokens(request) - num_new)
+            if extra > 0 and self.kv_cache.allocate_slots(request, num_new + extra):
+                planned[request] = num_new + extra
+                budget -= extra
+
+        scheduled = [ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id))
+                     for request, num_new in planned.items()]
         output = SchedulerOutput(
-            step_index=self.step_index, scheduled=scheduled, preempted_request_ids=preempted,
-            num_waiting=len(self.waiting), num_running=len(self.running),
+            step_index=self.step_index, scheduled=scheduled,
+            preempted_request_ids=preempted, num_waiting=len(self.waiting), num_running=len(self.running),
             num_used_blocks=self.kv_cache.num_used_blocks, num_total_blocks=self.kv_cache.num_total_blocks)
         self.step_index += 1
         return output
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Advance the counters of what ran; append sampled tokens. Returns the requests that got one."""
+        """Advance the counters of what ran; append sampled tokens. Returns the requests that got one.
+
+        Stop checks (EOS, stop strings, max_tokens) are the engine's; it then calls `finish_request`.
+        """
         updated = []
         for scheduled in output.scheduled:
             request = scheduled.request
             if request.is_finished:
-                continue
+                continue  # NOTE: aborted while its step ran; its blocks are already back in the pool
+            # `scheduled.samples` was fixed when the step was planned, before this advance.
             request.num_computed_tokens += scheduled.num_new_tokens
             if scheduled.samples:
                 request.append_output_token(sampled_token_ids[request.request_id])
@@ -136,11 +171,12 @@ class Scheduler:
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """Finish or abort: leave the queue or the batch and free every block at once. Idempotent."""
-        assert status.finished
+        if not status.finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
-        if request in self.running:
+            return  # NOTE: unknown or already finished (an abort racing completion): nothing to do
+        if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
@@ -148,12 +184,15 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
 
-    def _num_new_tokens(self, request: Request, budget: int, chunk_cap: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
-        return min(remaining, budget) if remaining == 1 else min(remaining, budget, chunk_cap)
-
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(request, num_new, list(self.kv_cache.get_block_ids(request.request_id)))
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Allocate, preempting the newest running requests until it fits; False if `request` itself went."""
+        while not self.kv_cache.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
 
     def _preempt(self, request: Request) -> None:
         lost = request.num_computed_tokens
@@ -163,5 +202,6 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
-        logger.warning("preempted request %s (recompute): dropped %d computed tokens; %d preemptions so far",
+        logger.warning("KV cache full: preempted request %s by recompute, dropping %d computed tokens "
+                       "(%d preemptions so far); raise kv_cache_memory to avoid this",
                        request.request_id, lost, self.num_preemptions)
