@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from conveyor.config import EngineConfig
+from conveyor.config import QUANTIZATION_METHODS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="torch threads (default: every core this process may run on)")
     group.add_argument("--device", default=defaults.device)
     group.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+                       help="int8: int8 weights and activations in the linear layers (4-6x faster matmuls on "
+                            "CPU, a small drift from fp32 logits); default: none")
     group.add_argument("--chat-template", default=None, help="a Jinja chat template file overriding the model's")
 
 
@@ -42,7 +45,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, tokenizer=args.tokenizer, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-        num_threads=args.num_threads, device=args.device, dtype=args.dtype, chat_template=args.chat_template)
+        num_threads=args.num_threads, device=args.device, dtype=args.dtype, quantization=args.quantization,
+        chat_template=args.chat_template)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

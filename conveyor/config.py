@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+QUANTIZATION_METHODS = ("int8",)  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
 
@@ -88,6 +90,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; default = cores this process may use
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: str | None = None  # "int8": int8 weights and activations in every linear layer (opt-in)
     seed: int = 0
     enable_step_trace: bool = True
     chat_template: str | None = None  # path to a Jinja template overriding the model's
@@ -107,4 +110,7 @@ class EngineConfig:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or unset, "
+                             f"got {self.quantization!r}")
         parse_memory_size(self.kv_cache_memory)

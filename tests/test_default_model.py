@@ -38,3 +38,19 @@ def test_greedy_matches_transformers_on_the_default_model(llm: LLM) -> None:
         reference = hf_greedy(reference_model, prompt_ids, MAX_TOKENS)
         matched = check_logprobs_close(reference, conveyor_top(output), repr(prompt), atol=2e-3)
         assert matched >= 8, f"{prompt!r}: diverged at token {matched}"
+
+
+def test_int8_quantization_stays_near_transformers_on_the_default_model() -> None:
+    """int8 weights and activations drift from the fp32 logits (docs/configuration.md has the figures);
+    the drift must stay of the near-tie kind: every divergence is between tokens in each other's top 5,
+    and matched positions agree on the chosen token's logprob within 0.6 (measured: up to 0.45; fp32
+    agrees within 0.002). A broken scale or layout fails both at once."""
+    config, tensors = load_model_weights(default_model_path())
+    reference_model = hf_model_from_tensors(config, tensors)
+    int8 = LLM(quantization="int8")
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    matched = []
+    for prompt, output in zip(PROMPTS, int8.generate(PROMPTS, params)):
+        reference = hf_greedy(reference_model, int8.tokenizer.encode(prompt), MAX_TOKENS)
+        matched.append(check_logprobs_close(reference, conveyor_top(output), repr(prompt), atol=0.6))
+    assert max(matched) >= 8, f"int8 diverges at once on every prompt: matched {matched}"

@@ -72,6 +72,8 @@ def _throughput(args: argparse.Namespace) -> int:
             if result.mode.startswith("static"):
                 useful = {rid: r.output_len - 1 for rid, r in zip(result.request_ids, requests)}
             slug = result.mode.split()[0] + (f"_{result.settings['batch_size']}" if useful else "")
+            if result.settings.get("quantization"):
+                slug += f"_{result.settings['quantization']}"
             pictures.append((f"batch composition: {result.mode}",
                              plots.plot_timeline(steps, out_dir / f"timeline_{slug}.png", result.mode, useful)))
             pictures.append((f"KV cache and queues: {result.mode}",

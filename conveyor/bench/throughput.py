@@ -80,7 +80,7 @@ def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> Throughpu
     wall = time.perf_counter() - started
     steps = steps_between(engine, first_step)
     return ThroughputResult(
-        mode="continuous", num_requests=len(requests), wall_seconds=wall,
+        mode=_label(engine, "continuous"), num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens,
         num_steps=len(steps), overhead_fraction=_overhead_fraction(steps, engine.config.max_num_seqs),
         settings=_settings(engine), request_ids=request_ids, step_range=(first_step, engine.step_index))
@@ -110,7 +110,7 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
     wall = time.perf_counter() - started
     steps = steps_between(engine, first_step)
     return ThroughputResult(
-        mode=f"static (batch {batch_size})", num_requests=len(requests), wall_seconds=wall,
+        mode=_label(engine, f"static (batch {batch_size})"), num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests), num_steps=len(steps),
         overhead_fraction=_overhead_fraction(steps, batch_size), padding_tokens=padding,
@@ -123,4 +123,9 @@ def _settings(engine: LLMEngine) -> dict:
     return {"model": engine.model_path, "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.max_num_batched_tokens, "block_size": c.block_size,
             "num_kv_blocks": engine.runner.num_kv_blocks, "num_threads": engine.runner.num_threads,
-            "dtype": c.dtype}
+            "dtype": c.dtype, "quantization": c.quantization}
+
+
+def _label(engine: LLMEngine, mode: str) -> str:
+    """The mode's name, with the quantization when there is one ("continuous int8")."""
+    return mode if engine.config.quantization is None else f"{mode} {engine.config.quantization}"

@@ -11,6 +11,7 @@ import torch
 from conveyor.config import EngineConfig, ModelConfig, available_cpu_count, parse_memory_size
 from conveyor.engine.batch import build_model_input
 from conveyor.engine.scheduler_output import SchedulerOutput
+from conveyor.model.quantization import quantize_linears
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
 from conveyor.sampler import Sampler
@@ -40,6 +41,9 @@ class ModelRunner:
         self.model_config = model_config
         self.model = build_model(model_config, max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
+        if config.quantization is not None:
+            swapped = quantize_linears(self.model, config.quantization)
+            logger.info("quantization %s: %d linear layers", config.quantization, swapped)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):

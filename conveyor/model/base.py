@@ -22,7 +22,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma_norms)
-        self.lm_head: nn.Linear | None = None
+        self.lm_head: nn.Module | None = None  # None: tied to the embedding (int8 mode gives it its own)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -36,8 +36,9 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, positions, k_cache, v_cache, meta)
         # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
         hidden = self.norm(hidden[logits_indices])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors named as Hugging Face names them (`model.layers.0.self_attn.q_proj.weight`, ...)."""
