@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conveyor.bench.plots import timeline_matrix
 from conveyor.bench.throughput import run_continuous, run_static, steps_between
@@ -79,3 +82,28 @@ def test_serve_and_sweep_against_a_real_server(tiny_model_dirs: dict[str, Path],
         points = json.loads(sweep.read_text())["points"]
         assert [p["x"] for p in points] == [1, 4] and all(p["completed"] == 6 for p in points)
         assert (tmp_path / "sweep.png").stat().st_size > 500
+
+
+def test_serve_bench_says_clearly_when_the_server_lists_no_model(tmp_path: Path) -> None:
+    """A server that is still loading (llama.cpp answers 503 then) or is not OpenAI-compatible."""
+    class Loading(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            body = b'{"error": {"message": "Loading model", "code": 503}}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Loading)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(SystemExit, match="lists no model .*HTTP 503.*Loading model"):
+            main(["bench", "serve", "--base-url", url, *TINY_WORKLOAD, "--output", str(tmp_path / "x.json")])
+        assert not (tmp_path / "x.json").exists()
+    finally:
+        server.shutdown()

@@ -123,14 +123,18 @@ def _serve_settings(args: argparse.Namespace, rate: float, concurrency: int | No
 
     return ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, request_rate=rate,
                          burstiness=args.burstiness, max_concurrency=concurrency, seed=args.seed,
-                         slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key)
+                         slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key,
+                         max_tokens=args.max_tokens)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from conveyor.bench.serve import format_summary, run_serve_benchmark
 
     settings = _serve_settings(args, args.request_rate, args.max_concurrency)
-    summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+    try:
+        summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+    except RuntimeError as error:
+        raise SystemExit(f"conveyor bench serve: {error}") from None
     print(format_summary(summary))
     _write_json(args.output, summary)
     return 0 if summary["failed"] == 0 else 1
@@ -146,7 +150,10 @@ def _sweep(args: argparse.Namespace) -> int:
     for value in args.request_rates or args.concurrencies:
         settings = (_serve_settings(args, value, None) if args.request_rates
                     else _serve_settings(args, float("inf"), int(value)))
-        summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+        try:
+            summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
+        except RuntimeError as error:
+            raise SystemExit(f"conveyor bench sweep: {error}") from None
         print(format_summary(summary), flush=True)
         summary["x"] = value
         summary["x_label"] = "request rate (req/s)" if args.request_rates else "max concurrency"
@@ -185,6 +192,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
         parser.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
         parser.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on TPOT, seconds")
+        parser.add_argument("--max-tokens", type=int, default=None,
+                            help="ask every request for this many tokens (the prompts stay the workload's): "
+                                 "a quick unloaded-TTFT run with --max-concurrency 1")
         if name == "serve":
             parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
             parser.add_argument("--max-concurrency", type=int, default=None)

@@ -45,6 +45,7 @@ class ServeSettings:
     seed: int = 0
     slo_ttft: float = 2.0  # seconds, for goodput
     slo_tpot: float = 0.2
+    max_tokens: int | None = None  # ask every request for this many tokens instead (same prompts): unloaded TTFT
     api_key: str | None = None
 
 
@@ -57,8 +58,9 @@ def arrival_delays(count: int, rate: float, burstiness: float, seed: int) -> lis
 
 
 async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, request: BenchRequest) -> RequestResult:
-    result = RequestResult(len(request.prompt_token_ids), request.output_len, success=False)
-    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+    output_len = settings.max_tokens or request.output_len
+    result = RequestResult(len(request.prompt_token_ids), output_len, success=False)
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": output_len,
             "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     last = started
@@ -82,12 +84,22 @@ async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, r
                     result.itls.append(now - last)
                 last = now
         result.e2e = time.perf_counter() - started
-        result.success = result.generated == request.output_len
+        result.success = result.generated == output_len
         if not result.success:
-            result.error = f"generated {result.generated} of {request.output_len} tokens"
+            result.error = f"generated {result.generated} of {output_len} tokens"
     except httpx.HTTPError as error:
         result.error = repr(error)
     return result
+
+
+async def _first_model(client: httpx.AsyncClient) -> str:
+    response = await client.get("/v1/models")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise RuntimeError(f"{client.base_url}/v1/models lists no model (HTTP {response.status_code}: "
+                           f"{response.text[:200]!r}); is the server still loading? Pass --model-name to skip "
+                           "this lookup") from None
 
 
 async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSettings) -> dict:
@@ -95,7 +107,7 @@ async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSetti
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
                                  limits=limits) as client:
-        model = settings.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        model = settings.model or await _first_model(client)
         gate = asyncio.Semaphore(settings.max_concurrency or len(requests))
 
         async def limited(request: BenchRequest) -> RequestResult:
