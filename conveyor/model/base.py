@@ -8,7 +8,7 @@ from torch import nn
 
 from conveyor.config import ModelConfig
 from conveyor.engine.batch import AttentionMetadata
-from conveyor.model.layers import RMSNorm, load_hf_state_dict
+from conveyor.model.layers import RMSNorm, load_hf_state_dict, vocab_projection
 
 
 class CausalLM(nn.Module):
@@ -37,7 +37,9 @@ class CausalLM(nn.Module):
         # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
         hidden = self.norm(hidden[logits_indices])
         if self.lm_head is None:
-            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+            return vocab_projection(hidden, self.embed_tokens.weight).float()
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
+            return vocab_projection(hidden, self.lm_head.weight).float()
         return self.lm_head(hidden).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

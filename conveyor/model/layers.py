@@ -49,6 +49,26 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
+# Below this many rows, the lm_head runs as weight @ hidden.T (measured in docs/benchmarks.md).
+VOCAB_PROJECTION_SMALL_ROWS = 8
+
+
+def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [S, H] @ weight [V, H].T -> logits [S, V], for the large-vocabulary lm_head.
+
+    NOTE: with few rows, MKL's fp32 `hidden @ weight.T` (and the matrix-vector path torch takes for one
+    row) streams the 262k x 640 weight at a third of the memory bandwidth that `weight @ hidden.T`
+    reaches (2-8 rows: ~110 ms against 22-50 ms on this project's CPU). A single row is doubled, because
+    two columns take the faster matrix-matrix path.
+    """
+    num_rows = hidden.shape[0]
+    if not 1 <= num_rows <= VOCAB_PROJECTION_SMALL_ROWS or weight.device.type != "cpu":
+        return F.linear(hidden, weight)
+    # NOTE: a real copy (torch.cat), not expand(): a zero-stride operand sends MKL back to the slow path.
+    columns = hidden if num_rows > 1 else torch.cat([hidden, hidden])
+    return torch.mm(weight, columns.t())[:, :num_rows].t().contiguous()
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the rotate-half layout, with a precomputed cos/sin table."""
 
