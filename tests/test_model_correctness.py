@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conveyor import LLM, SamplingParams
-from conveyor.model.layers import vocab_projection
+from conveyor.model.layers import linear
 from tests.conftest import TINY_ARCHITECTURES
 from tests.reference import check_logprobs_close, conveyor_top, hf_greedy
 from tests.tiny_models import load_hf_model
@@ -32,12 +32,14 @@ def test_greedy_matches_transformers(tiny_model_dirs: dict[str, Path], architect
         assert matched >= MAX_TOKENS // 2, f"diverged at {matched} (a near tie, but suspiciously early)"
 
 
-@pytest.mark.parametrize("num_rows", [0, 1, 2, 8, 9, 33])
-def test_vocab_projection_equals_a_plain_linear(num_rows: int) -> None:
-    """The small-batch lm_head path (weight @ hidden.T) gives the same logits as F.linear, in [S, V] order."""
+@pytest.mark.parametrize("num_rows", [0, 1, 2, 9, 64, 65])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_rows_linear_equals_a_plain_linear(num_rows: int, with_bias: bool) -> None:
+    """The few-rows path (weight @ x.T) gives what F.linear gives, in [S, out] order."""
     generator = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(3000, 64, generator=generator)
-    hidden = torch.randn(num_rows, 64, generator=generator)
-    logits = vocab_projection(hidden, weight)
-    assert logits.shape == (num_rows, 3000) and logits.is_contiguous()
-    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, weight), rtol=1e-5, atol=1e-4)
+    bias = torch.randn(3000, generator=generator) if with_bias else None
+    x = torch.randn(num_rows, 64, generator=generator)
+    out = linear(x, weight, bias)
+    assert out.shape == (num_rows, 3000) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)

@@ -8,7 +8,7 @@ from torch import nn
 
 from conveyor.config import ModelConfig
 from conveyor.engine.batch import AttentionMetadata
-from conveyor.model.layers import RMSNorm, load_hf_state_dict, vocab_projection
+from conveyor.model.layers import Linear, RMSNorm, linear, load_hf_state_dict
 
 
 class CausalLM(nn.Module):
@@ -24,7 +24,7 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma_norms)
         self.lm_head: nn.Module | None = None  # None: tied to the embedding (int8 mode gives it its own)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,7 @@ class CausalLM(nn.Module):
         # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
         hidden = self.norm(hidden[logits_indices])
         if self.lm_head is None:
-            return vocab_projection(hidden, self.embed_tokens.weight).float()
-        if isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None:
-            return vocab_projection(hidden, self.lm_head.weight).float()
+            return linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
