@@ -32,7 +32,7 @@ def test_greedy_matches_transformers(tiny_model_dirs: dict[str, Path], architect
         assert matched >= MAX_TOKENS // 2, f"diverged at {matched} (a near tie, but suspiciously early)"
 
 
-@pytest.mark.parametrize("num_rows", [0, 1, 2, 9, 64, 65])
+@pytest.mark.parametrize("num_rows", [0, 1, 2, 9, 32, 33])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_few_rows_linear_equals_a_plain_linear(num_rows: int, with_bias: bool) -> None:
     """The few-rows path (weight @ x.T) gives what F.linear gives, in [S, out] order."""
