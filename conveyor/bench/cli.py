@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,6 +57,12 @@ def _throughput(args: argparse.Namespace) -> int:
     for mode in args.modes:
         if mode == "continuous":
             results.append(run_continuous(engine, requests))
+        elif mode == "continuous-int8":
+            # NOTE: a second engine beside the first, so both precisions are measured in one run.
+            int8_engine = LLMEngine(dataclasses.replace(config, quantization="int8"))
+            run_continuous(int8_engine, requests[:2])
+            results.append(run_continuous(int8_engine, requests))
+            del int8_engine
         elif mode == "static":
             for batch_size in args.static_batch_sizes:
                 results.append(run_static(engine, requests, batch_size, engine.tokenizer.pad_token_id or 0))
@@ -82,11 +89,11 @@ def _throughput(args: argparse.Namespace) -> int:
         plots.write_html(pictures, out_dir / "throughput.html", "conveyor: W1 throughput")
         print(f"pictures in {out_dir}/throughput.html")
     print(f"peak RSS: {peak_rss_bytes() / 2**30:.2f} GiB")
-    continuous = [r for r in results if r.mode == "continuous"]
-    for baseline in (r for r in results if r.mode != "continuous"):
-        if continuous:
-            ratio = continuous[0].output_tokens_per_second / baseline.output_tokens_per_second
-            print(f"continuous / {baseline.mode}: {ratio:.2f}x output tokens/s")
+    continuous = [r for r in results if r.mode.startswith("continuous")]
+    for ours in continuous:
+        for baseline in (r for r in results if r not in continuous):
+            ratio = ours.output_tokens_per_second / baseline.output_tokens_per_second
+            print(f"{ours.mode} / {baseline.mode}: {ratio:.2f}x output tokens/s")
     _write_json(args.output, {"workload": "W1", "seed": args.seed, "num_requests": args.num_requests,
                               "time": time.time(), "peak_rss_bytes": peak_rss_bytes(),
                               "results": [r.to_dict() for r in results]})
@@ -172,8 +179,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                   "(conveyor's own static mode, and transformers' padded generate)")
     _add_workload_args(throughput, seed=1234, num_requests=64)
     throughput.add_argument("--modes", nargs="+", default=["continuous", "static"],
-                            choices=["continuous", "static", "hf", "hf-continuous"],
-                            help="hf: transformers' padded static generate; hf-continuous: its continuous batching")
+                            choices=["continuous", "continuous-int8", "static", "hf", "hf-continuous"],
+                            help="continuous-int8: continuous batching on a second engine with int8 linears; "
+                                 "hf: transformers' padded static generate; hf-continuous: its continuous batching")
     throughput.add_argument("--static-batch-sizes", nargs="+", type=int, default=[16, 64])
     throughput.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16])
     throughput.add_argument("--output", default="bench_results/throughput.json")
