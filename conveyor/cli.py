@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # NOTE: httpx logs every request at INFO; a benchmark client sends hundreds of them.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     return args.handler(args)
 
 
