@@ -1,17 +1,19 @@
-"""`conveyor serve`: load the engine, start the loop, serve the API with uvicorn until SIGTERM/SIGINT.
+"""`conveyor serve`: load the engine, serve the API with uvicorn until SIGTERM/SIGINT.
 
-On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish (bounded by
---graceful-timeout); then the engine loop is stopped and the process exits 0.
+The engine loop runs in the main thread (see `conveyor.engine.async_engine` for why) and uvicorn in a
+second thread. On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish
+(bounded by --graceful-timeout) while the engine keeps stepping; then the loop stops and the process
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+import threading
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -30,32 +32,34 @@ def _serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(config)
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
-    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step)
+    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step, start_thread=False)
     settings = ServerSettings(model_name=model_name, api_key=args.api_key, max_queue_len=args.max_queue_len,
                               max_body_bytes=args.max_body_bytes)
     app = build_app(llm, settings, metrics)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
-    server = _GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                                            timeout_graceful_shutdown=args.graceful_timeout))
-    try:
-        server.run()
-    finally:
-        llm.shutdown()
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                                           timeout_graceful_shutdown=args.graceful_timeout))
 
-
-class _GracefulServer(uvicorn.Server):
-    """uvicorn's server, except that a SIGTERM/SIGINT that led to a clean drain ends the process with
-    status 0 (uvicorn re-raises the signal after shutting down, which would kill the process with it)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def serve_http() -> None:
         try:
-            yield
+            server.run()  # outside the main thread uvicorn installs no signal handlers: ours forward below
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            llm.shutdown()
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        server.handle_exit(sig, frame)  # the first drains gracefully; a second SIGINT forces the exit
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    http_thread = threading.Thread(target=serve_http, name="conveyor-http")
+    http_thread.start()
+    try:
+        llm.run()
+        http_thread.join()  # after an engine failure the server stays up to report it, until a signal
+    finally:
+        server.should_exit = True
+        http_thread.join()
+    return 0 if server.started and llm.error is None else 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
