@@ -118,3 +118,45 @@ def test_llm_generate_refuses_the_whole_call_when_one_prompt_cannot_fit(gemma_di
     assert llm.engine.scheduler.kv_cache.num_used_blocks == 0
     [output] = llm.generate([TARGET], GREEDY)  # the engine is still fine
     assert len(output.outputs[0].token_ids) == 16
+
+
+@pytest.mark.parametrize("own_thread", [True, False])
+def test_async_llm_streams_the_same_tokens_from_either_thread(tiny_model_dirs: dict[str, Path],
+                                                              own_thread: bool) -> None:
+    """AsyncLLM's loop in a thread of its own, or in the caller's (as `conveyor serve` runs it)."""
+    import asyncio
+    import threading
+
+    from conveyor.engine.async_engine import AsyncLLM
+
+    path = tiny_model_dirs["llama"]
+    expected = _run(_engine(path), {0: [(str(i), prompt) for i, prompt in enumerate(OTHERS)]})
+    llm = AsyncLLM(_engine(path), start_thread=own_thread)
+
+    async def client() -> dict[str, list[int]]:
+        async def one(request_id: str, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            async for output in llm.generate(prompt, GREEDY, request_id):
+                tokens += output.delta_token_ids
+            return tokens
+
+        results = await asyncio.gather(*(one(str(i), prompt) for i, prompt in enumerate(OTHERS)))
+        return dict(zip((str(i) for i in range(len(OTHERS))), results))
+
+    got: dict[str, dict[str, list[int]]] = {}
+
+    def run_client() -> None:
+        try:
+            got["tokens"] = asyncio.run(client())
+        finally:
+            llm.shutdown()
+
+    if own_thread:
+        run_client()
+    else:
+        client_thread = threading.Thread(target=run_client)
+        client_thread.start()
+        llm.run()  # returns once the client has shut the loop down
+        client_thread.join()
+    assert got["tokens"] == expected and all(len(t) == GREEDY.max_tokens for t in expected.values())
+    assert not llm.is_alive
