@@ -35,8 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=defaults.device)
     group.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"])
     group.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
-                       help="int8: int8 weights and activations in the linear layers (4-6x faster matmuls on "
-                            "CPU, a small drift from fp32 logits); default: none")
+                       help="int8: int8 weights and activations in the linear layers (2.3x the fp32 throughput "
+                            "on W1 on a CPU with VNNI, a small drift from fp32 logits); default: none")
     group.add_argument("--chat-template", default=None, help="a Jinja chat template file overriding the model's")
 
 
