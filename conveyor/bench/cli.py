@@ -8,8 +8,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conveyor.cli import add_engine_args, engine_config_from_args
+
+if TYPE_CHECKING:
+    from conveyor.bench.serve import ServeSettings
 
 
 def _add_workload_args(parser: argparse.ArgumentParser, seed: int, num_requests: int) -> None:
@@ -44,13 +48,19 @@ def _write_json(path: str, payload: dict) -> None:
 def _throughput(args: argparse.Namespace) -> int:
     from conveyor.bench import plots
     from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static, steps_between
+    from conveyor.config import EngineConfig
     from conveyor.engine.engine import LLMEngine
 
     requests = _workload(args)
     config = engine_config_from_args(args)
     config.max_num_seqs = max(config.max_num_seqs, *args.static_batch_sizes)
-    engine = LLMEngine(config)
-    run_continuous(engine, requests[:2])  # warm-up: first-call costs land on neither mode
+
+    def warmed_up(config: EngineConfig) -> LLMEngine:
+        engine = LLMEngine(config)
+        run_continuous(engine, requests[:2])  # first-call costs land on no measured mode
+        return engine
+
+    engine = warmed_up(config)
     results = []
     pictures: list[tuple[str, Path]] = []
     out_dir = Path(args.plots_dir)
@@ -59,8 +69,7 @@ def _throughput(args: argparse.Namespace) -> int:
             results.append(run_continuous(engine, requests))
         elif mode == "continuous-int8":
             # NOTE: a second engine beside the first, so both precisions are measured in one run.
-            int8_engine = LLMEngine(dataclasses.replace(config, quantization="int8"))
-            run_continuous(int8_engine, requests[:2])
+            int8_engine = warmed_up(dataclasses.replace(config, quantization="int8"))
             results.append(run_continuous(int8_engine, requests))
             del int8_engine
         elif mode == "static":
@@ -134,14 +143,21 @@ def _serve_settings(args: argparse.Namespace, rate: float, concurrency: int | No
                          max_tokens=args.max_tokens)
 
 
+def _run_serve_benchmark(args: argparse.Namespace, settings: ServeSettings, command: str) -> dict:
+    """One serve benchmark; a server that cannot be benchmarked ends the command with its reason."""
+    from conveyor.bench.serve import run_serve_benchmark
+
+    try:
+        return asyncio.run(run_serve_benchmark(_workload(args), settings))
+    except RuntimeError as error:
+        raise SystemExit(f"conveyor bench {command}: {error}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from conveyor.bench.serve import format_summary, run_serve_benchmark
+    from conveyor.bench.serve import format_summary
 
     settings = _serve_settings(args, args.request_rate, args.max_concurrency)
-    try:
-        summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
-    except RuntimeError as error:
-        raise SystemExit(f"conveyor bench serve: {error}") from None
+    summary = _run_serve_benchmark(args, settings, "serve")
     print(format_summary(summary))
     _write_json(args.output, summary)
     return 0 if summary["failed"] == 0 else 1
@@ -149,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from conveyor.bench import plots
-    from conveyor.bench.serve import format_summary, run_serve_benchmark
+    from conveyor.bench.serve import format_summary
 
     if bool(args.request_rates) == bool(args.concurrencies):
         raise SystemExit("conveyor bench sweep: give --request-rates or --concurrencies")
@@ -157,10 +173,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for value in args.request_rates or args.concurrencies:
         settings = (_serve_settings(args, value, None) if args.request_rates
                     else _serve_settings(args, float("inf"), int(value)))
-        try:
-            summary = asyncio.run(run_serve_benchmark(_workload(args), settings))
-        except RuntimeError as error:
-            raise SystemExit(f"conveyor bench sweep: {error}") from None
+        summary = _run_serve_benchmark(args, settings, "sweep")
         print(format_summary(summary), flush=True)
         summary["x"] = value
         summary["x_label"] = "request rate (req/s)" if args.request_rates else "max concurrency"
