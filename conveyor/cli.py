@@ -78,7 +78,8 @@ def _generate(args: argparse.Namespace) -> int:
         request = engine.add_request(args.prompt, SamplingParams(**base))
         first = True
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            outputs, _ = engine.step()
+            for output in outputs:
                 if first and output.delta_text:
                     print(f"[first token after {time.perf_counter() - started:.2f} s]", file=sys.stderr)
                     first = False

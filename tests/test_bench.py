@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conveyor.bench.plots import timeline_matrix
-from conveyor.bench.throughput import run_continuous, run_static, steps_between
+from conveyor.bench.throughput import run_continuous, run_static
 from conveyor.bench.workloads import w1_requests
 from conveyor.cli import main
 from conveyor.config import EngineConfig
@@ -60,9 +60,9 @@ def test_static_baseline_pads_and_continuous_does_not(tiny_model_dirs: dict[str,
     continuous = run_continuous(engine, requests)
     static = run_static(engine, requests, batch_size=4)
     useful = {rid: r.output_len - 1 for rid, r in zip(static.request_ids, requests)}
-    static_matrix, _ = timeline_matrix(steps_between(engine, *static.step_range), useful)
+    static_matrix, _ = timeline_matrix(static.steps, useful)
     useful = {rid: r.output_len - 1 for rid, r in zip(continuous.request_ids, requests)}
-    continuous_matrix, _ = timeline_matrix(steps_between(engine, *continuous.step_range), useful)
+    continuous_matrix, _ = timeline_matrix(continuous.steps, useful)
     assert (static_matrix == 3).sum() > 0 and static.padding_tokens > 0  # idle slots and pad tokens
     assert (continuous_matrix == 3).sum() == 0 and continuous.padding_tokens == 0
     assert continuous.num_steps < static.num_steps

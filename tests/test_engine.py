@@ -27,7 +27,7 @@ def _run(engine: LLMEngine, arrivals: dict[int, list[tuple[str, list[int]]]]) ->
     while arrivals or engine.has_unfinished_requests():
         for request_id, prompt in arrivals.pop(step, []):
             engine.add_request(prompt, GREEDY, request_id=request_id)
-        for output in engine.step():
+        for output in engine.step()[0]:
             if output.finished:
                 results[output.request_id] = output.outputs[0].token_ids
         step += 1

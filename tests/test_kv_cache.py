@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from conveyor.engine.kv_cache import BlockPool, KVCacheManager, slot_mapping
+from conveyor.engine.kv_cache import BlockPool, KVCacheManager
 from conveyor.engine.request import Request
+from conveyor.model.attention import slot_mapping
 from conveyor.sampling_params import SamplingParams
 
 

@@ -45,7 +45,7 @@ def test_engine_with_int8_swaps_every_linear_and_stays_near_fp32(
         engine = LLMEngine(EngineConfig(model=path, block_size=4, num_kv_blocks=64, quantization=quantization))
         request = engine.add_request(prompt, params)
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            for output in engine.step()[0]:
                 if output.finished:
                     results[quantization] = output.outputs[0]
         model = engine.runner.model

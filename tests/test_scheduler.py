@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 
 import pytest
 
 from conveyor.config import EngineConfig
+from conveyor.engine.batch import CachedRequestState, apply_scheduler_output
 from conveyor.engine.request import Request, RequestStatus
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.scheduler_output import SchedulerOutput
@@ -30,29 +32,41 @@ def _remaining(request: Request) -> int:
     return request.num_tokens - request.num_computed_tokens
 
 
+# What a model runner would know of each scheduler's requests, kept only from the plain step data.
+_RUNNER_VIEWS: weakref.WeakKeyDictionary[Scheduler, dict[str, CachedRequestState]] = weakref.WeakKeyDictionary()
+
+
 def _check_step(scheduler: Scheduler, output: SchedulerOutput, waiting_before: set[str]) -> None:
     """The invariants of one planned step, checked before the fake forward runs."""
     kv_cache, budget = scheduler.kv_cache, scheduler.max_num_batched_tokens
+    runner_view = _RUNNER_VIEWS.setdefault(scheduler, {})
+    apply_scheduler_output(runner_view, output)
     assert output.total_num_scheduled_tokens <= budget
     assert len(scheduler.running) <= scheduler.max_num_seqs
-    ids = [s.request.request_id for s in output.scheduled]
+    ids = [s.request_id for s in output.scheduled]
     assert len(ids) == len(set(ids)), "a request scheduled twice in one step"
     # Running requests first, then the newly admitted: the order of the running list.
     assert ids == [r.request_id for r in scheduler.running if r.request_id in set(ids)]
     for s in output.scheduled:
-        assert s.request.status == RequestStatus.RUNNING and not s.request.is_finished
+        request = scheduler.requests[s.request_id]
+        assert request.status == RequestStatus.RUNNING and not request.is_finished
         # No padding: every scheduled token is one the request still needed.
-        assert 1 <= s.num_new_tokens <= _remaining(s.request)
-        assert s.samples == (s.num_new_tokens == _remaining(s.request))
-        assert s.block_ids == kv_cache.get_block_ids(s.request.request_id)
-        assert len(s.block_ids) * kv_cache.block_size >= s.end
+        assert 1 <= s.num_new_tokens <= _remaining(request)
+        assert s.samples == (s.num_new_tokens == _remaining(request))
+        # The runner, told only deltas, knows the same block table and tokens as the scheduler.
+        known = runner_view[s.request_id]
+        assert known.block_ids == kv_cache.get_block_ids(s.request_id)
+        assert known.token_ids == request.all_token_ids
+        assert len(known.block_ids) * kv_cache.block_size >= s.end
+    # The runner keeps state only for requests that are still unfinished.
+    assert set(runner_view) <= set(scheduler.requests)
     if output.preempted_request_ids:
         assert not waiting_before & set(ids), "admitted a request in a step that preempted (thrashing)"
     if output.total_num_scheduled_tokens < budget:
         # Work-conserving: budget is left over only when nothing more could run. Every running request got
         # a turn, and each got everything it needed unless the KV pool ran dry.
         assert {r.request_id for r in scheduler.running} <= set(ids)
-        assert all(s.num_new_tokens == _remaining(s.request) for s in output.scheduled) or (
+        assert all(s.num_new_tokens == _remaining(scheduler.requests[s.request_id]) for s in output.scheduled) or (
             kv_cache.num_free_blocks == 0)
     assert (output.num_running, output.num_waiting) == (scheduler.num_running, scheduler.num_waiting)
     assert output.num_used_blocks == kv_cache.num_used_blocks
@@ -70,7 +84,9 @@ def _step(scheduler: Scheduler) -> SchedulerOutput:
     waiting_before = {r.request_id for r in scheduler.waiting}
     output = scheduler.schedule()
     _check_step(scheduler, output, waiting_before)
-    sampled = {s.request.request_id: FAKE_TOKEN for s in output.scheduled if s.samples}
+    sampled = {s.request_id: FAKE_TOKEN for s in output.scheduled if s.samples}
+    for request_id in sampled:  # the runner appends what it samples
+        _RUNNER_VIEWS[scheduler][request_id].token_ids.append(FAKE_TOKEN)
     for request in scheduler.update_from_output(output, sampled):
         if _is_done(scheduler, request):
             scheduler.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
@@ -86,12 +102,16 @@ def _run_until_idle(scheduler: Scheduler, max_steps: int = 10_000) -> list[Sched
         assert len(outputs) < max_steps, "the scheduler hung"
         outputs.append(_step(scheduler))
     assert scheduler.kv_cache.num_used_blocks == 0, "blocks still owned when idle"
-    assert scheduler.schedule().is_empty
+    idle = scheduler.schedule()
+    assert idle.is_empty
+    runner_view = _RUNNER_VIEWS.setdefault(scheduler, {})
+    apply_scheduler_output(runner_view, idle)
+    assert runner_view == {}, "the runner would keep state for finished requests"
     return outputs
 
 
 def _scheduled_tokens(output: SchedulerOutput) -> dict[str, int]:
-    return {s.request.request_id: s.num_new_tokens for s in output.scheduled}
+    return {s.request_id: s.num_new_tokens for s in output.scheduled}
 
 
 def test_chunked_prefill_takes_four_steps_and_samples_only_on_the_last() -> None:
@@ -115,7 +135,7 @@ def test_decodes_and_a_new_prompt_chunk_share_a_step() -> None:
     assert scheduler.get_request("b") is None  # done after one token: left at once
     scheduler.add_request(_request("c", 40, 2))
     second = _step(scheduler)
-    assert [(s.request.request_id, s.num_new_tokens, s.is_decode) for s in second.scheduled] == [
+    assert [(s.request_id, s.num_new_tokens, s.is_decode) for s in second.scheduled] == [
         ("a", 1, True), ("c", 19, False)]  # a's decode and a chunk of c's prompt, in one step
     _run_until_idle(scheduler)
 
@@ -204,7 +224,8 @@ def test_preemption_takes_the_newest_frees_its_blocks_and_it_completes_after_rec
             running_before = [r.request_id for r in scheduler.running]
             output = _step(scheduler)
             for s in output.scheduled:
-                first_seen.setdefault(s.request.request_id, s.request.first_scheduled_time)
+                request = next(r for r in requests if r.request_id == s.request_id)
+                first_seen.setdefault(s.request_id, request.first_scheduled_time)
             victims = output.preempted_request_ids
             # Victims are the newest running requests, newest first.
             assert victims == running_before[::-1][:len(victims)]
@@ -239,7 +260,7 @@ def test_recompute_covers_the_prompt_and_the_generated_tokens() -> None:
     assert generated > 0 and new.num_tokens == 8 + generated
     while "new" not in _scheduled_tokens(output := _step(scheduler)):
         pass
-    [chunk] = [s for s in output.scheduled if s.request is new]
+    [chunk] = [s for s in output.scheduled if s.request_id == "new"]
     # One prefill from position 0 over prompt + generated tokens, sampling the next token at its end.
     assert (chunk.start, chunk.num_new_tokens, chunk.samples) == (0, 8 + generated, True)
     assert new.num_output_tokens == generated + 1
@@ -311,7 +332,7 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is_and_is_idempotent() 
     scheduler.finish_request("unknown", RequestStatus.FINISHED_ABORTED)
     scheduler.finish_request("c", RequestStatus.FINISHED_ABORTED)  # aborted while waiting
     assert scheduler.num_waiting == 0 and scheduler.num_running == 1
-    assert [s.request.request_id for s in _step(scheduler).scheduled] == ["b"]
+    assert [s.request_id for s in _step(scheduler).scheduled] == ["b"]
     b = scheduler.get_request("b")
     _run_until_idle(scheduler)
     assert b is not None and b.status == RequestStatus.FINISHED_LENGTH
@@ -323,13 +344,17 @@ def test_a_request_aborted_while_its_step_runs_gets_no_token() -> None:
     scheduler = _scheduler()
     scheduler.add_request(_request("a", 5, 3))
     scheduler.add_request(_request("b", 5, 3))
+    a = scheduler.get_request("a")
     output = scheduler.schedule()
+    runner_view = _RUNNER_VIEWS.setdefault(scheduler, {})
+    apply_scheduler_output(runner_view, output)
     scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
     updated = scheduler.update_from_output(output, {"a": FAKE_TOKEN, "b": FAKE_TOKEN})
+    runner_view["b"].token_ids.append(FAKE_TOKEN)
     assert [r.request_id for r in updated] == ["b"]
-    assert output.scheduled[0].request.num_output_tokens == 0
+    assert a is not None and a.num_output_tokens == 0
     scheduler.kv_cache.check_invariants()
-    _run_until_idle(scheduler)
+    _run_until_idle(scheduler)  # and the runner is told both finished
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -47,13 +47,13 @@ def _write_json(path: str, payload: dict) -> None:
 
 def _throughput(args: argparse.Namespace) -> int:
     from conveyor.bench import plots
-    from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static, steps_between
+    from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static
     from conveyor.config import EngineConfig
     from conveyor.engine.engine import LLMEngine
 
     requests = _workload(args)
     config = engine_config_from_args(args)
-    config.max_num_seqs = max(config.max_num_seqs, *args.static_batch_sizes)
+    config = dataclasses.replace(config, max_num_seqs=max(config.max_num_seqs, *args.static_batch_sizes))
 
     def warmed_up(config: EngineConfig) -> LLMEngine:
         engine = LLMEngine(config)
@@ -82,8 +82,8 @@ def _throughput(args: argparse.Namespace) -> int:
             continue
         print(_row(results[-1]), flush=True)
     for result in results:
-        if result.request_ids and engine.trace is not None:
-            steps = steps_between(engine, *result.step_range)
+        if result.steps:
+            steps = result.steps
             useful = None
             if result.mode.startswith("static"):
                 useful = {rid: r.output_len - 1 for rid, r in zip(result.request_ids, requests)}

@@ -12,13 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from conveyor.engine.trace import StepRecord  # noqa: E402
+from conveyor.engine.stats import StepStats  # noqa: E402
 
 _EMPTY, _PREFILL, _DECODE, _IDLE = 0, 1, 2, 3
 _COLORS = ListedColormap(["#ffffff", "#f28e2b", "#4e79a7", "#d3d3d3"])
 
 
-def timeline_matrix(steps: list[StepRecord], useful_decodes: dict[str, int] | None = None
+def timeline_matrix(steps: list[StepStats], useful_decodes: dict[str, int] | None = None
                     ) -> tuple[np.ndarray, list[str]]:
     """[request, step] -> empty / prefill / decode / idle. A decode beyond a request's useful count (static
     batching keeps finished requests in the batch until its longest is done) is idle."""
@@ -43,7 +43,7 @@ def timeline_matrix(steps: list[StepRecord], useful_decodes: dict[str, int] | No
     return matrix, order
 
 
-def plot_timeline(steps: list[StepRecord], path: Path, title: str,
+def plot_timeline(steps: list[StepStats], path: Path, title: str,
                   useful_decodes: dict[str, int] | None = None) -> Path:
     matrix, order = timeline_matrix(steps, useful_decodes)
     fig, ax = plt.subplots(figsize=(12, max(3.0, 0.08 * len(order) + 1.5)))
@@ -56,7 +56,7 @@ def plot_timeline(steps: list[StepRecord], path: Path, title: str,
     return _save(fig, path)
 
 
-def plot_cache_and_queues(steps: list[StepRecord], path: Path, title: str) -> Path:
+def plot_cache_and_queues(steps: list[StepStats], path: Path, title: str) -> Path:
     start = steps[0].start_time if steps else 0.0
     times = [s.start_time - start for s in steps]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)

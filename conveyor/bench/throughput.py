@@ -9,14 +9,18 @@ until its batch ends. Only each request's own `output_len` tokens count as outpu
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from dataclasses import asdict, dataclass, field
 
 from conveyor.bench.workloads import BenchRequest
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.trace import StepRecord
+from conveyor.engine.stats import StepStats
+from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
+
+_run_ids = itertools.count()  # request ids stay unique across runs on one engine
 
 
 @dataclass
@@ -31,7 +35,7 @@ class ThroughputResult:
     padding_tokens: int = 0  # static mode: pad and idle-slot tokens computed for nothing
     settings: dict = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)  # engine ids, in workload order
-    step_range: tuple[int, int] = (0, 0)  # [first, last) engine steps of this run, for the step trace
+    steps: list[StepStats] = field(default_factory=list)  # every step of this run, for the pictures
 
     @property
     def output_tokens_per_second(self) -> float:
@@ -42,7 +46,7 @@ class ThroughputResult:
         return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
 
     def to_dict(self) -> dict:
-        fields = {k: v for k, v in asdict(self).items() if k != "request_ids"}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("request_ids", "steps")}
         return {**fields, "output_tokens_per_second": self.output_tokens_per_second,
                 "total_tokens_per_second": self.total_tokens_per_second}
 
@@ -55,11 +59,14 @@ def _greedy(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
-def steps_between(engine: LLMEngine, first_step: int, end_step: int | None = None) -> list[StepRecord]:
-    return [s for s in (engine.trace or []) if first_step <= s.step_index < (end_step or 1 << 62)]
+def _step(engine: LLMEngine, steps: list[StepStats]) -> list[RequestOutput]:
+    outputs, stats = engine.step()
+    if stats is not None:
+        steps.append(stats)
+    return outputs
 
 
-def _overhead_fraction(steps: list[StepRecord], min_running: int) -> float:
+def _overhead_fraction(steps: list[StepStats], min_running: int) -> float:
     busy = [s for s in steps if len(s.scheduled) >= min_running] or steps
     total = sum(s.duration for s in busy)
     return sum(s.overhead_seconds for s in busy) / total if total else 0.0
@@ -67,23 +74,23 @@ def _overhead_fraction(steps: list[StepRecord], min_running: int) -> float:
 
 def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> ThroughputResult:
     """Submit everything at once and let the scheduler batch continuously."""
-    first_step = engine.step_index
+    run_id = next(_run_ids)
     started = time.perf_counter()
-    request_ids = [f"c{first_step}-{i}" for i in range(len(requests))]
+    request_ids = [f"c{run_id}-{i}" for i in range(len(requests))]
     for request_id, request in zip(request_ids, requests):
         engine.add_request(request.prompt_token_ids, _greedy(request.output_len), request_id=request_id)
     output_tokens = 0
+    steps: list[StepStats] = []
     while engine.has_unfinished_requests():
-        for output in engine.step():
+        for output in _step(engine, steps):
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
     wall = time.perf_counter() - started
-    steps = steps_between(engine, first_step)
     return ThroughputResult(
         mode=_label(engine, "continuous"), num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens,
         num_steps=len(steps), overhead_fraction=_overhead_fraction(steps, engine.config.max_num_seqs),
-        settings=_settings(engine), request_ids=request_ids, step_range=(first_step, engine.step_index))
+        settings=_settings(engine), request_ids=request_ids, steps=steps)
 
 
 def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
@@ -92,10 +99,11 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
     if engine.config.max_num_seqs < batch_size:
         raise ValueError(f"static batch size {batch_size} exceeds the engine's max_num_seqs "
                          f"{engine.config.max_num_seqs}")
-    first_step = engine.step_index
+    run_id = next(_run_ids)
     started = time.perf_counter()
     padding = 0
-    request_ids = [f"s{first_step}-{i}" for i in range(len(requests))]
+    steps: list[StepStats] = []
+    request_ids = [f"s{run_id}-{i}" for i in range(len(requests))]
     for batch_start in range(0, len(requests), batch_size):
         batch = requests[batch_start:batch_start + batch_size]
         prompt_len = max(len(r.prompt_token_ids) for r in batch)
@@ -106,16 +114,14 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
             engine.add_request([pad_token_id] * pads + request.prompt_token_ids, _greedy(output_len),
                                request_id=request_ids[batch_start + i])
         while engine.has_unfinished_requests():
-            engine.step()
+            _step(engine, steps)
     wall = time.perf_counter() - started
-    steps = steps_between(engine, first_step)
     return ThroughputResult(
         mode=_label(engine, f"static (batch {batch_size})"), num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests), num_steps=len(steps),
         overhead_fraction=_overhead_fraction(steps, batch_size), padding_tokens=padding,
-        settings={**_settings(engine), "batch_size": batch_size}, request_ids=request_ids,
-        step_range=(first_step, engine.step_index))
+        settings={**_settings(engine), "batch_size": batch_size}, request_ids=request_ids, steps=steps)
 
 
 def _settings(engine: LLMEngine) -> dict:

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.stats import StepStats
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-StepObserver = Callable[[LLMEngine, list[RequestOutput], float], None]
+StepObserver = Callable[[StepStats, list[RequestOutput]], None]
 
 
 @dataclass
@@ -111,7 +112,7 @@ class AsyncLLM:
 
     def run(self) -> None:
         """The engine loop, in the calling thread, until `shutdown()` (or until the engine fails)."""
-        last_log = time.monotonic()
+        log = _StatsLog(self.log_interval)
         try:
             while not self._stopping:
                 self._drain_commands()
@@ -119,15 +120,13 @@ class AsyncLLM:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                started = time.perf_counter()
-                outputs = self.engine.step()
+                outputs, stats = self.engine.step()
                 for output in outputs:
                     self._deliver(output)
-                if self.observer is not None:
-                    self.observer(self.engine, outputs, time.perf_counter() - started)
-                if time.monotonic() - last_log >= self.log_interval:
-                    self._log_stats(time.monotonic() - last_log)
-                    last_log = time.monotonic()
+                if stats is not None:
+                    if self.observer is not None:
+                        self.observer(stats, outputs)
+                    log.add(stats)
         except BaseException as error:  # keep the server answering: every stream learns what happened
             logger.exception("the engine loop failed")
             self.error = error
@@ -164,15 +163,25 @@ class AsyncLLM:
         except RuntimeError:  # the caller's event loop is gone
             self._streams.pop(output.request_id, None)
 
-    _last_totals = (0, 0)
 
-    def _log_stats(self, interval: float) -> None:
-        engine = self.engine
-        prompt_total, generation_total = engine.num_prompt_tokens_total, engine.num_generation_tokens_total
-        prompt_rate = (prompt_total - self._last_totals[0]) / interval
-        generation_rate = (generation_total - self._last_totals[1]) / interval
-        self._last_totals = (prompt_total, generation_total)
-        scheduler = engine.scheduler
+
+class _StatsLog:
+    """The periodic log line while busy, summed from the steps' `StepStats`."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.started = time.monotonic()
+        self.prompt_tokens = self.generation_tokens = self.preemptions = 0
+
+    def add(self, stats: StepStats) -> None:
+        self.prompt_tokens += stats.num_prompt_tokens
+        self.generation_tokens += stats.num_generation_tokens
+        self.preemptions += len(stats.preempted)
+        elapsed = time.monotonic() - self.started
+        if elapsed < self.interval:
+            return
         logger.info("running: %d, waiting: %d, KV cache: %.1f%%, prompt: %.1f tok/s, generation: %.1f tok/s, "
-                    "preemptions: %d", scheduler.num_running, scheduler.num_waiting,
-                    100 * scheduler.kv_cache.usage, prompt_rate, generation_rate, scheduler.num_preemptions)
+                    "preemptions: %d", stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
+                    self.prompt_tokens / elapsed, self.generation_tokens / elapsed, self.preemptions)
+        self.started = time.monotonic()
+        self.prompt_tokens = self.generation_tokens = self.preemptions = 0

@@ -18,11 +18,6 @@ from collections.abc import Iterable
 from conveyor.engine.request import Request
 
 
-def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Physical cache slots of tokens `start..end-1` of a request whose block table is `block_ids`."""
-    return [block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
-
-
 class BlockPool:
     """The free block ids, as a FIFO queue: freed blocks are reused last (see the module docstring)."""
 
@@ -81,9 +76,9 @@ class KVCacheManager:
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def get_block_ids(self, request_id: str) -> list[int]:
-        """A copy of the request's block table (empty if it owns nothing)."""
-        return list(self._block_tables.get(request_id, ()))
+    def get_block_ids(self, request_id: str, first: int = 0) -> list[int]:
+        """A copy of the request's block table from entry `first` on (empty if it owns nothing)."""
+        return self._block_tables.get(request_id, [])[first:]
 
     def num_blocks_needed(self, request: Request, num_new_tokens: int) -> int:
         """Blocks the request still lacks to hold its computed tokens plus `num_new_tokens` more."""

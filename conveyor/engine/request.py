@@ -11,8 +11,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from conveyor.outputs import Logprob
 from conveyor.sampling_params import SamplingParams
 
@@ -67,11 +65,6 @@ class Request:
         self.num_preemptions = 0
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
-        # A seeded request samples from its own generator: same tokens whatever the batch holds.
-        self.generator: torch.Generator | None = None
-        if sampling_params.seed is not None and not sampling_params.greedy:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(sampling_params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Owns the model and its KV-cache tensors; runs one step: build the flat batch, forward, sample."""
+"""Owns the model, its KV-cache tensors and its own per-request state; runs one step: update that state
+from the scheduler's deltas, build the flat batch, forward, sample."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 
 from conveyor.config import EngineConfig, ModelConfig, available_cpu_count, parse_memory_size
-from conveyor.engine.batch import build_model_input
+from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, build_model_input
+from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.model.quantization import quantize_linears
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
-from conveyor.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +56,33 @@ class ModelRunner:
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window
         self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}  # every request the scheduler has sent, until it ends
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", self.num_kv_blocks, self.block_size,
                     self.num_kv_blocks * bytes_per_block / 2**30, self.num_kv_blocks * self.block_size)
+
+    def update_states(self, output: SchedulerOutput) -> None:
+        """Apply a step's deltas to the runner's own request states. `execute` does this first; the engine
+        calls it alone for a step with nothing to run, so finished requests still leave."""
+        apply_scheduler_output(self.requests, output)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         started = time.perf_counter()
-        model_input = build_model_input(output, self.block_size, self.sliding_window, self.device)
+        self.update_states(output)
+        model_input = build_model_input(output, self.requests, self.block_size, self.sliding_window, self.device)
         prepared = time.perf_counter()
         logits = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
                             model_input.attention, model_input.logits_indices)
         forwarded = time.perf_counter()
-        requests = model_input.sampling_requests
         result = RunnerOutput(sampled_token_ids={})
-        if requests:
-            sampled = self.sampler(logits, requests)
-            for row, request in enumerate(requests):
-                result.sampled_token_ids[request.request_id] = sampled.token_ids[row]
+        if model_input.sampling_request_ids:
+            sampled = self.sampler(logits, model_input.sampling)
+            for row, request_id in enumerate(model_input.sampling_request_ids):
+                token = sampled.token_ids[row]
+                self.requests[request_id].token_ids.append(token)
+                result.sampled_token_ids[request_id] = token
                 if sampled.logprobs is not None and sampled.logprobs[row] is not None:
-                    result.logprobs[request.request_id] = sampled.logprobs[row]
+                    result.logprobs[request_id] = sampled.logprobs[row]
         result.prepare_seconds = prepared - started
         result.forward_seconds = forwarded - prepared
         result.sample_seconds = time.perf_counter() - forwarded

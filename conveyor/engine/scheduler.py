@@ -31,7 +31,7 @@ from collections import deque
 from conveyor.config import EngineConfig
 from conveyor.engine.kv_cache import KVCacheManager
 from conveyor.engine.request import Request, RequestStatus
-from conveyor.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from conveyor.engine.scheduler_output import NewRequestData, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the newest, preempted first, is last
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
-        self.step_index = 0
+        self.step_index = 0  # counts non-empty steps
+        # What the runner has been told: requests it keeps state for, and how many of each one's block ids.
+        self._num_blocks_sent: dict[str, int] = {}
+        self._finished_since_last_step: list[str] = []
 
     @property
     def num_waiting(self) -> int:
@@ -141,14 +144,32 @@ class Scheduler:
                 planned[request] = num_new + extra
                 budget -= extra
 
-        scheduled = [ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id))
-                     for request, num_new in planned.items()]
+        new_requests = [self._new_request_data(request) for request in planned
+                        if request.request_id not in self._num_blocks_sent]
+        scheduled = [self._scheduled_request(request, num_new) for request, num_new in planned.items()]
+        finished, self._finished_since_last_step = self._finished_since_last_step, []
         output = SchedulerOutput(
-            step_index=self.step_index, scheduled=scheduled,
-            preempted_request_ids=preempted, num_waiting=len(self.waiting), num_running=len(self.running),
-            num_used_blocks=self.kv_cache.num_used_blocks, num_total_blocks=self.kv_cache.num_total_blocks)
-        self.step_index += 1
+            step_index=self.step_index, scheduled=scheduled, new_requests=new_requests,
+            preempted_request_ids=preempted, finished_request_ids=finished, num_waiting=len(self.waiting),
+            num_running=len(self.running), num_used_blocks=self.kv_cache.num_used_blocks,
+            num_total_blocks=self.kv_cache.num_total_blocks)
+        if scheduled:
+            self.step_index += 1
         return output
+
+    @staticmethod
+    def _new_request_data(request: Request) -> NewRequestData:
+        return NewRequestData(request.request_id, list(request.prompt_token_ids), request.sampling_params,
+                              list(request.eos_token_ids))
+
+    def _scheduled_request(self, request: Request, num_new: int) -> ScheduledRequest:
+        request_id, start = request.request_id, request.num_computed_tokens
+        num_sent = self._num_blocks_sent.get(request_id, 0)
+        new_block_ids = self.kv_cache.get_block_ids(request_id, first=num_sent)
+        self._num_blocks_sent[request_id] = num_sent + len(new_block_ids)
+        return ScheduledRequest(request_id, start, num_new, new_block_ids,
+                                samples=start + num_new == request.num_tokens,
+                                is_decode=num_new == 1 and start >= request.num_prompt_tokens)
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Request]:
         """Advance the counters of what ran; append sampled tokens. Returns the requests that got one.
@@ -157,10 +178,9 @@ class Scheduler:
         """
         updated = []
         for scheduled in output.scheduled:
-            request = scheduled.request
-            if request.is_finished:
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
                 continue  # NOTE: aborted while its step ran; its blocks are already back in the pool
-            # `scheduled.samples` was fixed when the step was planned, before this advance.
             request.num_computed_tokens += scheduled.num_new_tokens
             if scheduled.samples:
                 request.append_output_token(sampled_token_ids[request.request_id])
@@ -181,6 +201,8 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self.kv_cache.free(request)
+        if self._num_blocks_sent.pop(request_id, None) is not None:
+            self._finished_since_last_step.append(request_id)  # the runner drops its state next step
         request.status = status
         request.finished_time = time.monotonic()
 
@@ -197,6 +219,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         lost = request.num_computed_tokens
         self.kv_cache.free(request)
+        self._num_blocks_sent[request.request_id] = 0  # the runner drops its table too (preempted ids)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conveyor.config import ModelConfig
-from conveyor.engine.batch import AttentionMetadata
+from conveyor.model.attention import AttentionMetadata
 from conveyor.model.layers import Linear, RMSNorm, linear, load_hf_state_dict
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conveyor.config import ModelConfig
-from conveyor.engine.batch import AttentionMetadata
+from conveyor.model.attention import AttentionMetadata
 from conveyor.model.base import CausalLM
 from conveyor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention
 

@@ -1,8 +1,8 @@
-"""Building blocks shared by the architectures: norms, rotary embeddings, paged attention.
+"""Building blocks shared by the architectures: norms, rotary embeddings, linear layers, attention, MLP.
 
 Everything here works on the flat token batch ([T, ...], no batch axis). Attention is the one place
-tokens of different requests would mix, so it reads the per-step `AttentionMetadata` built by
-`conveyor.engine.batch` to keep each request to its own keys and values.
+tokens of different requests would mix; `conveyor.model.attention` keeps each request to its own keys
+and values.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor.engine.batch import AttentionMetadata, DecodeGroup
+from conveyor.model.attention import AttentionMetadata, PagedAttention
 
 
 class RMSNorm(nn.Module):
@@ -110,67 +110,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-class PagedAttention(nn.Module):
-    """Attention over the paged KV cache, one request's queries against that request's keys only.
-
-    The step's new K/V are written into the cache at `slot_mapping` first; then
-    - single-token decode rows attend in batched calls, one per group of similar lengths: each row
-      gathers its own blocks (the whole context, or only the sliding window), and a per-row mask hides
-      the slots outside it;
-    - each prefill chunk attends alone, its queries against its cached prefix plus the chunk itself,
-      causally (and within the window on sliding layers).
-    """
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
-        self.sliding_window = sliding_window
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq*D]."""
-        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
-
-        view = meta.sliding if self.sliding_window is not None else meta.full
-        out = torch.empty_like(q)
-        for group in view.decode_groups:
-            out[group.token_indices] = self._decode(q[group.token_indices], k_cache, v_cache, group)
-        for chunk in view.prefills:
-            rows = slice(chunk.query_start, chunk.query_end)
-            keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)
-            out[rows] = self._prefill(q[rows], keys, values, chunk.mask)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
-
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-        num_decodes = q.shape[0]
-        # NOTE: index_select, not advanced indexing: on CPU it is an order of magnitude faster here.
-        blocks = group.blocks.flatten()
-        keys = k_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
-        # A decode row has one query per head, so the query heads that share a KV head can stand as that
-        # head's query positions ([B, Hk, Hq / Hk, D], no causal mask among them): SDPA then reads each
-        # K/V head once instead of expanding it per query head (enable_gqa), ~5% of an int8 decode step.
-        queries = q.view(num_decodes, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=group.mask, scale=self.scale)
-        return out.reshape(num_decodes, self.num_heads, self.head_dim)
-
-    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, Tq, D]
-            keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        return out.squeeze(0).transpose(0, 1)
 
 
 class SelfAttention(nn.Module):

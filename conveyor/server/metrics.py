@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from conveyor.engine.engine import LLMEngine
+from conveyor.engine.stats import StepStats
 from conveyor.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -35,7 +35,7 @@ class ServerMetrics:
         self.num_running = gauge("num_requests_running", "Requests in the running batch")
         self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)")
-        self.preemptions = counter("num_preemptions", "Preemptions (recompute) so far")
+        self.preemptions = counter("num_preemptions", "Preemptions (recompute)")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed (recomputes included)")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.step_batch_size = Histogram("conveyor:step_batch_size", "Requests in each engine step", labels,
@@ -45,22 +45,17 @@ class ServerMetrics:
                                          ["model_name", "finished_reason"], registry=self.registry)
         self.model_name = model_name
         self._last_token_time: dict[str, float] = {}
-        self._seen = (0, 0, 0)
 
-    def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput], step_seconds: float) -> None:
-        """Called by the engine thread after every step."""
+    def observe_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
+        """Called by the engine thread after every step that ran."""
         now = time.monotonic()
-        scheduler = engine.scheduler
-        self.num_running.set(scheduler.num_running)
-        self.num_waiting.set(scheduler.num_waiting)
-        self.kv_cache_usage.set(scheduler.kv_cache.usage)
-        totals = (scheduler.num_preemptions, engine.num_prompt_tokens_total, engine.num_generation_tokens_total)
-        for metric, new, old in zip((self.preemptions, self.prompt_tokens, self.generation_tokens), totals,
-                                    self._seen):
-            if new > old:
-                metric.inc(new - old)
-        self._seen = totals
-        self.step_batch_size.observe(engine.last_step_num_requests)
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.preemptions.inc(len(stats.preempted))
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        self.step_batch_size.observe(len(stats.scheduled))
         for output in outputs:
             self._observe_request(output, now)
 

@@ -5,16 +5,46 @@ over output), the min_tokens mask on EOS and stop ids, then greedy rows take the
 through temperature, top-k, top-p and min-p before drawing. A seeded request draws from its own
 generator, so its tokens do not depend on the rest of the batch. Log-probabilities are reported from the
 raw model distribution (before any of these transforms). A transform no row uses is skipped entirely.
+
+The sampler sees one `SamplingMetadata` value per step (per-row parameters, token histories and
+generators), never a request object, so it can be tested with plain lists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from conveyor.engine.request import Request
 from conveyor.outputs import Logprob
+from conveyor.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One row of the logits: how its request samples and what it has seen so far."""
+
+    params: SamplingParams
+    token_ids: Sequence[int]  # prompt + output so far (for the repetition penalty)
+    num_prompt_tokens: int
+    banned_token_ids: Sequence[int] = ()  # EOS and stop ids while the request is short of min_tokens
+    generator: torch.Generator | None = None  # a seeded request's own generator
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """A whole step's sampling inputs: row i describes row i of the logits."""
+
+    rows: list[SamplingRow]
+
+    @property
+    def params(self) -> list[SamplingParams]:
+        return [row.params for row in self.rows]
 
 
 @dataclass
@@ -25,14 +55,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         raw_logprobs = None
-        if any(r.sampling_params.logprobs is not None for r in requests):
+        if any(p.logprobs is not None for p in metadata.params):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logits = apply_penalties(logits, requests)
-        logits = mask_early_stops(logits, requests)
-        token_ids = sample(logits, requests)
-        logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, requests)
+        logits = apply_penalties(logits, metadata)
+        logits = mask_early_stops(logits, metadata)
+        token_ids = sample(logits, metadata)
+        logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, metadata)
         return SamplerOutput(token_ids.tolist(), logprobs)
 
 
@@ -40,8 +70,8 @@ def _row_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    params = [r.sampling_params for r in requests]
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    params = metadata.params
     use_repetition = any(p.repetition_penalty != 1.0 for p in params)
     use_additive = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
     if not (use_repetition or use_additive):
@@ -51,17 +81,17 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     device = logits.device
     if use_repetition:
         seen = torch.zeros_like(logits, dtype=torch.bool)
-        for row, request in enumerate(requests):
-            ids = [t for t in request.all_token_ids if t < vocab]
+        for row, sampling_row in enumerate(metadata.rows):
+            ids = [t for t in sampling_row.token_ids if t < vocab]
             seen[row, torch.tensor(ids, dtype=torch.long, device=device)] = True
         penalty = _row_tensor([p.repetition_penalty for p in params], logits).expand_as(logits)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
     if use_additive:
         counts = torch.zeros_like(logits)
-        for row, request in enumerate(requests):
-            if request.output_token_ids:
-                ids = torch.tensor(request.output_token_ids, dtype=torch.long, device=device)
+        for row, sampling_row in enumerate(metadata.rows):
+            if sampling_row.output_token_ids:
+                ids = torch.tensor(list(sampling_row.output_token_ids), dtype=torch.long, device=device)
                 counts[row].scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
         frequency = _row_tensor([p.frequency_penalty for p in params], logits)
         presence = _row_tensor([p.presence_penalty for p in params], logits)
@@ -69,16 +99,14 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits
 
 
-def mask_early_stops(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def mask_early_stops(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Until a request has min_tokens outputs, it cannot pick EOS or one of its stop token ids."""
     rows, ids = [], []
-    for row, request in enumerate(requests):
-        params = request.sampling_params
-        if request.num_output_tokens < params.min_tokens:
-            for token in set(request.eos_token_ids) | set(params.stop_token_ids):
-                if token < logits.shape[1]:
-                    rows.append(row)
-                    ids.append(token)
+    for row, sampling_row in enumerate(metadata.rows):
+        for token in sampling_row.banned_token_ids:
+            if token < logits.shape[1]:
+                rows.append(row)
+                ids.append(token)
     if not rows:
         return logits
     logits = logits.clone()
@@ -86,26 +114,25 @@ def mask_early_stops(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     token_ids = logits.argmax(dim=-1)
-    random_rows = [row for row, r in enumerate(requests) if not r.sampling_params.greedy]
+    random_rows = [index for index, row in enumerate(metadata.rows) if not row.params.greedy]
     if not random_rows:
         return token_ids
     index = torch.tensor(random_rows, device=logits.device)
-    chosen = [requests[row] for row in random_rows]
-    probs = filtered_probs(logits[index].float(), chosen)
+    chosen = [metadata.rows[row] for row in random_rows]
+    probs = filtered_probs(logits[index].float(), [row.params for row in chosen])
     # Exponential race: argmax(p / q) with q ~ Exp(1) draws from p. Each row's q comes from its own
     # generator when seeded, so a seeded row's draw does not depend on its neighbours.
     noise = torch.empty_like(probs, device="cpu")
-    for row, request in enumerate(chosen):
-        noise[row].exponential_(generator=request.generator)
+    for row, sampling_row in enumerate(chosen):
+        noise[row].exponential_(generator=sampling_row.generator)
     token_ids[index] = (probs / noise.to(probs.device)).argmax(dim=-1)
     return token_ids
 
 
-def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p (each only if some row uses it); returns probabilities."""
-    params = [r.sampling_params for r in requests]
     logits = logits / _row_tensor([p.temperature for p in params], logits)
     if any(p.top_k > 0 for p in params) or any(p.top_p < 1.0 for p in params):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -127,16 +154,16 @@ def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
 
 
 def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
-                    requests: list[Request]) -> list[dict[int, Logprob] | None]:
-    wanted = max(r.sampling_params.logprobs or 0 for r in requests)
+                    metadata: SamplingMetadata) -> list[dict[int, Logprob] | None]:
+    wanted = max(p.logprobs or 0 for p in metadata.params)
     top_values, top_ids = raw_logprobs.topk(max(wanted, 1), dim=-1)
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
     chosen_list, rank_list = chosen.tolist(), ranks.tolist()
     top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
     result: list[dict[int, Logprob] | None] = []
-    for row, request in enumerate(requests):
-        count = request.sampling_params.logprobs
+    for row, params in enumerate(metadata.params):
+        count = params.logprobs
         if count is None:
             result.append(None)
             continue

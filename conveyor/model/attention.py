@@ -1,0 +1,210 @@
+"""Attention over the paged KV cache, and the per-step metadata that keeps requests apart.
+
+This module is the one contract between the engine and the model about attention: the engine describes
+each request's share of the flat batch as a `SequenceSpan` (plain ints and block ids), and
+`build_attention_metadata` turns the spans into tensors that every layer of a kind (full context or
+sliding window) shares. It imports nothing from the engine.
+
+Decode rows get a gather table of their blocks and a mask, grouped by context length so a short row is
+not padded up to the step's longest; prefill chunks get the cache slots of their keys and a causal
+(windowed) mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SequenceSpan:
+    """One request in a step: flat rows from `query_start` hold its positions `start..end-1`."""
+
+    query_start: int
+    start: int
+    end: int
+    block_ids: list[int]  # the request's block table, covering at least `end` tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class PrefillChunk:
+    """One request's multi-token chunk: queries [query_start, query_end) of the flat batch."""
+
+    query_start: int
+    query_end: int
+    key_slots: torch.Tensor  # [L] cache slots of the keys it may see (prefix + the chunk itself)
+    mask: torch.Tensor  # [Tq, L] bool, True where the query may attend
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token rows of similar context length, attended in one batched call."""
+
+    token_indices: torch.Tensor  # [D] rows of the flat batch
+    blocks: torch.Tensor  # [D, num_gathered_blocks] block ids per row (0 = padding)
+    mask: torch.Tensor  # [D, 1, 1, num_gathered_blocks * block_size] bool
+
+
+@dataclass
+class WindowView:
+    """Attention inputs for one kind of layer (full context, or a sliding window)."""
+
+    prefills: list[PrefillChunk]
+    decode_groups: list[DecodeGroup]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new K/V goes in the flattened cache
+    num_decodes: int
+    full: WindowView
+    sliding: WindowView  # the same object as `full` when the model has no sliding window
+
+
+def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Physical cache slots of tokens `start..end-1` of a request whose block table is `block_ids`."""
+    return [block_ids[i // block_size] * block_size + i % block_size for i in range(start, end)]
+
+
+def build_attention_metadata(spans: list[SequenceSpan], block_size: int, sliding_window: int | None,
+                             device: torch.device) -> AttentionMetadata:
+    slots = [slot for span in spans for slot in slot_mapping(span.block_ids, span.start, span.end, block_size)]
+    decodes = [span for span in spans if span.num_tokens == 1]
+    prefills = [span for span in spans if span.num_tokens > 1]
+
+    def view(window: int | None) -> WindowView:
+        groups = [_decode_group(group, block_size, window, device)
+                  for group in _group_by_length(decodes, block_size, window)]
+        chunks = [_prefill_chunk(span, block_size, window, device) for span in prefills]
+        return WindowView(chunks, groups)
+
+    full = view(None)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        num_decodes=len(decodes),
+        full=full,
+        sliding=view(sliding_window) if sliding_window is not None else full,
+    )
+
+
+def _first_visible_key(query_position: int, window: int | None) -> int:
+    # A query at position p sees keys k with k <= p and, on sliding layers, k > p - window.
+    return 0 if window is None else max(0, query_position - window + 1)
+
+
+def _num_visible_blocks(length: int, block_size: int, window: int | None) -> int:
+    return -(-length // block_size) - _first_visible_key(length - 1, window) // block_size
+
+
+def _group_by_length(decodes: list[SequenceSpan], block_size: int, window: int | None,
+                     slack: float = 1.3) -> list[list[SequenceSpan]]:
+    """Longest first; a row joins the current group while the group's longest is within `slack` of it."""
+    ordered = sorted(decodes, key=lambda span: -_num_visible_blocks(span.end, block_size, window))
+    groups: list[list[SequenceSpan]] = []
+    for span in ordered:
+        blocks = _num_visible_blocks(span.end, block_size, window)
+        if not groups or _num_visible_blocks(groups[-1][0].end, block_size, window) > slack * blocks + 1:
+            groups.append([])
+        groups[-1].append(span)
+    return groups
+
+
+def _decode_group(spans: list[SequenceSpan], block_size: int, window: int | None,
+                  device: torch.device) -> DecodeGroup:
+    """Per row: the blocks holding its visible keys, padded to the group's longest, and the mask."""
+    first_blocks = [_first_visible_key(span.end - 1, window) // block_size for span in spans]
+    num_gathered = max(_num_visible_blocks(span.end, block_size, window) for span in spans)
+    table = torch.zeros((len(spans), num_gathered), dtype=torch.long)
+    for row, (span, first) in enumerate(zip(spans, first_blocks)):
+        used = span.block_ids[first:first + num_gathered]
+        table[row, :len(used)] = torch.tensor(used, dtype=torch.long)
+    lengths = torch.tensor([span.end for span in spans])
+    first_keys = torch.tensor([_first_visible_key(span.end - 1, window) for span in spans])
+    # Absolute position of every gathered slot, to mask what lies outside [first key, length).
+    key_positions = (torch.tensor(first_blocks)[:, None] * block_size
+                     + torch.arange(num_gathered * block_size)[None, :])
+    mask = (key_positions >= first_keys[:, None]) & (key_positions < lengths[:, None])
+    rows = torch.tensor([span.query_start for span in spans], dtype=torch.long)
+    return DecodeGroup(rows.to(device), table.to(device), mask[:, None, None, :].to(device))
+
+
+def _prefill_chunk(span: SequenceSpan, block_size: int, window: int | None, device: torch.device) -> PrefillChunk:
+    first_key = _first_visible_key(span.start, window)
+    key_positions = torch.arange(first_key, span.end)
+    block_table = torch.tensor(span.block_ids, dtype=torch.long)
+    key_slots = block_table[key_positions // block_size] * block_size + key_positions % block_size
+    query_positions = torch.arange(span.start, span.end)
+    mask = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        mask &= key_positions[None, :] > query_positions[:, None] - window
+    return PrefillChunk(span.query_start, span.query_start + span.num_tokens, key_slots.to(device), mask.to(device))
+
+
+class PagedAttention(nn.Module):
+    """Attention over the paged KV cache, one request's queries against that request's keys only.
+
+    The step's new K/V are written into the cache at `slot_mapping` first; then
+    - single-token decode rows attend in batched calls, one per group of similar lengths: each row
+      gathers its own blocks (the whole context, or only the sliding window), and a per-row mask hides
+      the slots outside it;
+    - each prefill chunk attends alone, its queries against its cached prefix plus the chunk itself,
+      causally (and within the window on sliding layers).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hk, D]; caches: [num_blocks, block_size, Hk, D]. Returns [T, Hq*D]."""
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+
+        view = meta.sliding if self.sliding_window is not None else meta.full
+        out = torch.empty_like(q)
+        for group in view.decode_groups:
+            out[group.token_indices] = self._decode(q[group.token_indices], k_cache, v_cache, group)
+        for chunk in view.prefills:
+            rows = slice(chunk.query_start, chunk.query_end)
+            keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)
+            out[rows] = self._prefill(q[rows], keys, values, chunk.mask)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+        num_decodes = q.shape[0]
+        # NOTE: index_select, not advanced indexing: on CPU it is an order of magnitude faster here.
+        blocks = group.blocks.flatten()
+        keys = k_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache.index_select(0, blocks).view(num_decodes, -1, self.num_kv_heads, self.head_dim)
+        # A decode row has one query per head, so the query heads that share a KV head can stand as that
+        # head's query positions ([B, Hk, Hq / Hk, D], no causal mask among them): SDPA then reads each
+        # K/V head once instead of expanding it per query head (enable_gqa), ~5% of an int8 decode step.
+        queries = q.view(num_decodes, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=group.mask, scale=self.scale)
+        return out.reshape(num_decodes, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, Hq, Tq, D]
+            keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+
