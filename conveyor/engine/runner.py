@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from conveyor.config import EngineConfig, ModelConfig, available_cpu_count, parse_memory_size
+from conveyor.config import EngineConfig, ModelConfig
 from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, build_model_input
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler_output import SchedulerOutput
@@ -32,15 +32,16 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 max_model_len: int) -> None:
-        torch.set_num_threads(config.num_threads or available_cpu_count())
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        """`config` is resolved (`EngineConfig.resolved`): threads, context limit and pool size are set."""
+        assert config.num_threads and config.max_model_len and config.num_kv_blocks, "the config is not resolved"
+        torch.set_num_threads(config.num_threads)
         self.num_threads = torch.get_num_threads()
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.model_config = model_config
-        self.model = build_model(model_config, max_model_len, weights)
+        self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         if config.quantization is not None:
             swapped = quantize_linears(self.model, config.quantization)
@@ -49,16 +50,14 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "cos"):
                 module.cos, module.sin = module.cos.float(), module.sin.float()
-        bytes_per_block = self.model.kv_cache_bytes_per_token(self.dtype) * self.block_size
-        self.num_kv_blocks = config.num_kv_blocks or parse_memory_size(config.kv_cache_memory) // bytes_per_block
-        if self.num_kv_blocks < 1:
-            raise ValueError(f"kv_cache_memory {config.kv_cache_memory!r} holds no block of {bytes_per_block} bytes")
+        self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}  # every request the scheduler has sent, until it ends
+        pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", self.num_kv_blocks, self.block_size,
-                    self.num_kv_blocks * bytes_per_block / 2**30, self.num_kv_blocks * self.block_size)
+                    pool_bytes / 2**30, self.num_kv_blocks * self.block_size)
 
     def update_states(self, output: SchedulerOutput) -> None:
         """Apply a step's deltas to the runner's own request states. `execute` does this first; the engine

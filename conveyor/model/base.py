@@ -49,10 +49,6 @@ class CausalLM(nn.Module):
             renamed[name.removeprefix("model.")] = tensor
         load_hf_state_dict(self, renamed)
 
-    def kv_cache_bytes_per_token(self, dtype: torch.dtype) -> int:
-        c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
-
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
                           device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.config

@@ -17,19 +17,18 @@ from types import FrameType
 
 import uvicorn
 
+from conveyor.config import EngineConfig
+
 logger = logging.getLogger(__name__)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from conveyor.cli import engine_config_from_args
     from conveyor.engine.async_engine import AsyncLLM
     from conveyor.engine.engine import LLMEngine
     from conveyor.server.app import ServerSettings, build_app
     from conveyor.server.metrics import ServerMetrics
 
-    config = engine_config_from_args(args)
-    config.enable_step_trace = args.step_trace
-    engine = LLMEngine(config)
+    engine = LLMEngine(EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace))
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
     llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step, start_thread=False)
@@ -63,8 +62,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from conveyor.cli import add_engine_args
-
     serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -77,5 +74,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds in-flight requests get to finish after SIGTERM")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     serve.add_argument("--step-trace", action="store_true", help="record the step trace (memory grows with load)")
-    add_engine_args(serve)
+    EngineConfig.add_cli_args(serve)
     serve.set_defaults(handler=_serve)

@@ -1,0 +1,55 @@
+"""EngineConfig: flags generated from its fields, validation, and derived defaults resolved in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from conveyor.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, ModelConfig
+
+
+def _model(max_positions: int = 32768) -> ModelConfig:
+    return ModelConfig(architecture="llama", vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4,
+                       max_position_embeddings=max_positions)
+
+
+def test_every_knob_has_a_flag_with_its_help_and_the_flags_round_trip() -> None:
+    parser = argparse.ArgumentParser()
+    EngineConfig.add_cli_args(parser)
+    flags = {action.dest: action for action in parser._actions if action.dest != "help"}
+    knobs = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata["cli"]}
+    assert set(flags) == knobs and "enable_step_trace" not in flags
+    assert all(flags[name].help for name in knobs)
+    args = parser.parse_args(["--max-num-seqs", "8", "--kv-cache-memory", "1GiB", "--quantization", "int8"])
+    config = EngineConfig.from_cli_args(args, enable_step_trace=False)
+    assert (config.max_num_seqs, config.kv_cache_memory, config.quantization) == (8, "1GiB", "int8")
+    assert config.enable_step_trace is False and config.max_num_batched_tokens == EngineConfig().max_num_batched_tokens
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-num-seqs", "many"])
+
+
+@pytest.mark.parametrize("bad", [dict(max_num_seqs=0), dict(num_kv_blocks=0), dict(max_model_len=1),
+                                 dict(dtype="float64"), dict(quantization="int4"), dict(kv_cache_memory="lots")])
+def test_bad_values_are_refused_with_the_name(bad: dict) -> None:
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match="memory size" if name == "kv_cache_memory" else name):
+        EngineConfig(**bad)
+
+
+def test_configs_are_immutable_and_resolution_fills_every_derived_default() -> None:
+    config = EngineConfig(block_size=4, kv_cache_memory="1MiB")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_num_seqs = 2  # type: ignore[misc]
+    resolved = config.resolved("/models/m.gguf", _model())
+    assert resolved.model == resolved.tokenizer == "/models/m.gguf"
+    assert resolved.max_model_len == DEFAULT_MAX_MODEL_LEN and resolved.num_threads and resolved.num_threads >= 1
+    bytes_per_block = 2 * 2 * 1 * 4 * 4 * 4  # K and V, 2 layers, 1 KV head, head_dim 4, fp32, 4 tokens
+    assert resolved.num_kv_blocks == 2**20 // bytes_per_block
+    assert config.resolved("m", _model(max_positions=512)).max_model_len == 512
+    with pytest.raises(ValueError, match="exceeds the model's limit of 512"):
+        EngineConfig(max_model_len=1024).resolved("m", _model(max_positions=512))
+    with pytest.raises(ValueError, match="holds no block"):
+        EngineConfig(kv_cache_memory=100).resolved("m", _model())
