@@ -23,10 +23,12 @@ generate: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check conveyor tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check conveyor tests
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/conveyor bench throughput
