@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 class Logprob:
     logprob: float
     rank: int  # 1 = most likely
-    decoded_token: str | None = None
 
 
 # One generated position: token id -> Logprob, the chosen token first, then the top-N alternatives.

@@ -1,8 +1,8 @@
 """AsyncLLM: the engine loop in one thread, one output stream per request, for the server.
 
 The loop runs in a background thread of its own, or (`start_thread=False`) in whichever thread calls
-`run()`: the server gives it the main thread, because torch's OpenMP parallel regions cost ~40 us more
-each when started from any other thread, which made every step of a 32-request W1 ~30% slower.
+`run()`: the server gives it the main thread, because torch's OpenMP parallel regions cost more to start
+from any other thread (measured in docs/benchmarks.md, "W1 through the servers").
 The engine is single-threaded. Adds and aborts reach it through a command queue that the loop drains
 before every step, so they never race with a step and a new request joins the batch at the next step.
 Outputs go back to each request's asyncio queue with `call_soon_threadsafe`: the loop never waits on a

@@ -68,11 +68,6 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         return self.pool.num_total_blocks - self.pool.num_free_blocks
 
-    @property
-    def usage(self) -> float:
-        """Fraction of the pool owned by requests (0 to 1)."""
-        return self.num_used_blocks / self.pool.num_total_blocks
-
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

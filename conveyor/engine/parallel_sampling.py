@@ -33,10 +33,6 @@ class ParentRequest:
     prompts: list[Prompt]
     params: SamplingParams
 
-    @property
-    def num_children(self) -> int:
-        return len(self.prompts) * self.params.n
-
     def children(self) -> list[ChildRequest]:
         n = self.params.n
         return [ChildRequest(f"{self.request_id}-{p}-{i}", prompt, self._child_params(i), p, i, p * n + i)

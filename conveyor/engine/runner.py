@@ -40,7 +40,6 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
-        self.model_config = model_config
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         if config.quantization is not None:

@@ -57,11 +57,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)` for x [S, in], with a faster path for decode-sized steps (<= 32 rows).
 
     NOTE: with few rows, MKL's fp32 `x @ weight.T` (and the matrix-vector path torch takes for one row)
-    streams the weight at about a third of the memory bandwidth that `weight @ x.T` reaches: the
-    262k-row lm_head on 2-8 rows takes ~110 ms against 22-50 ms on this project's CPU, and a whole
-    decode step of the default model runs 2-3.8x faster at 1-4 rows and ~1.1x at 16-32; at 48-64 rows
-    the two ways are even, and prefill-sized inputs (hundreds of rows) are faster the usual way. One
-    row is doubled, because two columns take the faster matrix-matrix path.
+    streams the weight well below the memory bandwidth that `weight @ x.T` reaches; with many rows the
+    usual way is faster (measured in docs/benchmarks.md, "Small decode steps"). One row is doubled,
+    because two columns take the faster matrix-matrix path.
     """
     num_rows = x.shape[0]
     if x.dim() != 2 or not 1 <= num_rows <= FEW_ROWS or weight.device.type != "cpu":

@@ -3,9 +3,9 @@
 Weights are rounded to int8 once, with one scale per output channel; activations are rounded to int8
 on every call, with one scale per token (row), so a token with large activations does not cost the
 others their precision. The matmul runs in integers (`torch._int_mm`, int32 accumulation, exact) and
-the two scales are applied to its result. On W1 that runs 2.3x the fp32 throughput on a CPU with
-AVX-512 VNNI (docs/benchmarks.md), at the price of a small drift from the fp32 logits (measured against
-transformers in docs/configuration.md). Embedding lookups, norms and attention stay in the model dtype.
+the two scales are applied to its result. It is faster than fp32 on a CPU with AVX-512 VNNI
+(docs/benchmarks.md), at the price of a small drift from the fp32 logits (measured against transformers
+in docs/configuration.md). Embedding lookups, norms and attention stay in the model dtype.
 """
 
 from __future__ import annotations
