@@ -116,6 +116,8 @@ class EngineConfig:
                                            "on a CPU with VNNI, a small drift from fp32 logits; "
                                            "docs/configuration.md)", choices=QUANTIZATION_METHODS)
     chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
+    enable_prefix_caching: bool = _knob(True, "reuse the KV blocks of prompt prefixes seen before (system "
+                                              "prompts, earlier turns of a conversation)")
     enable_step_trace: bool = _knob(True, "record every step (memory grows with load)", cli=False)
 
     def __post_init__(self) -> None:
@@ -154,11 +156,15 @@ class EngineConfig:
         for knob in fields(cls):
             if not knob.metadata.get("cli"):
                 continue
-            type_name = str(knob.type)
-            kind = int if type_name.startswith("int") else str
+            flag, help_text = f"--{knob.name.replace('_', '-')}", knob.metadata["help"]
+            if str(knob.type) == "bool":  # --flag / --no-flag
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=knob.default,
+                                   help=help_text)
+                continue
+            kind = int if str(knob.type).startswith("int") else str
             default_text = "" if knob.default is None else " (default %(default)s)"
-            group.add_argument(f"--{knob.name.replace('_', '-')}", type=kind, default=knob.default,
-                               choices=knob.metadata["choices"], help=knob.metadata["help"] + default_text)
+            group.add_argument(flag, type=kind, default=knob.default, choices=knob.metadata["choices"],
+                               help=help_text + default_text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:

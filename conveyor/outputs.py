@@ -47,6 +47,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
     # Streaming: the text and token ids added since the previous output of this request.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -92,7 +92,7 @@ def test_check_invariants_catches_a_block_owned_twice_or_leaked() -> None:
     with pytest.raises(AssertionError, match="owned"):
         manager.check_invariants()
     del manager._block_tables["b"]
-    manager.pool._free.popleft()  # corrupt: a block neither free nor owned
+    manager.pool._free.popitem(last=False)  # corrupt: a block neither free nor owned
     with pytest.raises(AssertionError):
         manager.check_invariants()
 

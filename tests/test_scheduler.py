@@ -23,8 +23,11 @@ def _request(request_id: str, prompt_len: int, max_tokens: int | None) -> Reques
 
 
 def _scheduler(budget: int = 64, max_seqs: int = 8, blocks: int = 64, block_size: int = 4,
-               max_model_len: int = 4096) -> Scheduler:
-    config = EngineConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, block_size=block_size)
+               max_model_len: int = 4096, prefix_caching: bool = False) -> Scheduler:
+    # NOTE: off by default here: these tests' prompts repeat one token, so with caching every request
+    # would share its prefix and the schedules asserted below would be different ones.
+    config = EngineConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, block_size=block_size,
+                          enable_prefix_caching=prefix_caching)
     return Scheduler(config, blocks, max_model_len)
 
 
@@ -357,20 +360,21 @@ def test_a_request_aborted_while_its_step_runs_gets_no_token() -> None:
     _run_until_idle(scheduler)  # and the runner is told both finished
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @pytest.mark.parametrize("seed", range(10))
-def test_random_traffic_keeps_every_invariant(seed: int) -> None:
+def test_random_traffic_keeps_every_invariant(seed: int, prefix_caching: bool) -> None:
     rng = random.Random(seed)
     block_size = rng.choice([1, 4, 8])
     scheduler = _scheduler(budget=rng.choice([1, 3, 8, 16, 48]), max_seqs=rng.choice([1, 2, 4, 16]),
                            blocks=rng.choice([6, 12, 40, 200]) * 8 // block_size, block_size=block_size,
-                           max_model_len=rng.choice([48, 96]))
+                           max_model_len=rng.choice([48, 96]), prefix_caching=prefix_caching)
     arrivals: dict[int, list[Request]] = {}
     for n in range(40):
         max_tokens = None if rng.random() < 0.1 else rng.randint(1, 30)
         arrivals.setdefault(rng.randrange(80), []).append(_request(f"r{n}", rng.randint(1, 47), max_tokens))
     accepted: list[Request] = []
     aborted: set[str] = set()
-    step = 0
+    step = hits = 0
     while arrivals or scheduler.has_unfinished_requests():
         assert step < 20_000, "the scheduler hung"
         for request in arrivals.pop(step, []):
@@ -381,14 +385,19 @@ def test_random_traffic_keeps_every_invariant(seed: int) -> None:
             accepted.append(request)
         if scheduler.has_unfinished_requests() and rng.random() < 0.03:
             victim = rng.choice(sorted(scheduler.requests))  # running, waiting or preempted
-            used, owned = scheduler.kv_cache.num_used_blocks, len(scheduler.kv_cache.get_block_ids(victim))
+            kv_cache = scheduler.kv_cache
+            # Its blocks that no other request shares go back to the pool at once.
+            owned = sum(1 for b in kv_cache.get_block_ids(victim) if kv_cache.pool.ref_counts[b] == 1)
+            used = kv_cache.num_used_blocks
             scheduler.finish_request(victim, RequestStatus.FINISHED_ABORTED)
-            assert scheduler.kv_cache.num_used_blocks == used - owned
+            assert kv_cache.num_used_blocks == used - owned
             aborted.add(victim)
-        _step(scheduler)
+        hits += _step(scheduler).num_prefix_cache_hits
         step += 1
     assert scheduler.kv_cache.num_used_blocks == 0 and scheduler.schedule().is_empty
     assert accepted, "the configuration refused everything: the test would prove nothing"
+    # Every prompt repeats one token, so with caching on later requests share earlier ones' blocks.
+    assert (hits > 0) == prefix_caching
     for request in accepted:
         if request.request_id in aborted:
             assert request.status == RequestStatus.FINISHED_ABORTED

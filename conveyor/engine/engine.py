@@ -84,6 +84,11 @@ class LLMEngine:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._finished_since_last_step.append(self.output_processor.make_output(request))
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (running requests keep their blocks); returns how many blocks were
+        findable."""
+        return self.scheduler.kv_cache.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -117,6 +122,9 @@ class LLMEngine:
             sample_seconds=result.sample_seconds, scheduled=_entries(scheduled), num_generation_tokens=len(updated),
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=self.scheduler.kv_cache.num_used_blocks, kv_blocks_total=self.runner.num_kv_blocks,
+            kv_blocks_cached=self.scheduler.kv_cache.num_cached_blocks,
+            prefix_cache_queries=scheduled.num_prefix_cache_queries,
+            prefix_cache_hits=scheduled.num_prefix_cache_hits,
             preempted=list(scheduled.preempted_request_ids), finished=finished_ids)
         if self.trace is not None:
             self.trace.append(stats)

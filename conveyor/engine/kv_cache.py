@@ -1,60 +1,42 @@
-"""The paged KV cache's bookkeeping: a pool of fixed-size blocks and each request's block table.
+"""The paged KV cache's bookkeeping: each request's block table over one `BlockPool`, and the prefix cache.
 
 The K/V tensors live in the model runner; this module only decides which block ids each request owns.
 Token i of a request lives in slot `block_table[i // block_size] * block_size + i % block_size`, so a
 request's context need not be contiguous and it takes memory one block at a time, as it grows.
 
-Every block is either free (in the pool) or owned by exactly one request. Prefix caching will add a third
-state, "cached": a freed block that still holds a known prefix and can be handed to a request sharing it.
-The free queue is already ordered for that: freed blocks join its tail and allocation takes from its head,
-so the least recently freed block is reused first, which is the LRU eviction order a prefix cache wants.
+Prefix caching (on unless disabled): once a block of a request is full of computed tokens it is
+registered under a hash of (its parent block's hash, its token ids), so a later request whose tokens
+start the same way (a shared system prompt, the previous turns of a conversation, its own tokens after a
+preemption) takes those blocks instead of recomputing them. Their K/V depend only on the tokens before
+and in them, so the hit is exact. A hit is always block-aligned and at most `num_tokens - 1` tokens long:
+at least one token is computed, so the request samples.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
-
+from conveyor.engine.block_pool import BlockPool, CachedBlockKey
 from conveyor.engine.request import Request
 
+_ROOT_HASH = 0x636F6E766579  # the parent hash of every request's first block
 
-class BlockPool:
-    """The free block ids, as a FIFO queue: freed blocks are reused last (see the module docstring)."""
 
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
-        self.num_total_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    def free_block_ids(self) -> list[int]:
-        return list(self._free)
-
-    def allocate(self, count: int) -> list[int] | None:
-        """`count` block ids, or None (taking nothing) when fewer are free."""
-        if count < 0:
-            raise ValueError(f"cannot allocate {count} blocks")
-        if count > len(self._free):
-            return None
-        return [self._free.popleft() for _ in range(count)]
-
-    def free(self, block_ids: Iterable[int]) -> None:
-        self._free.extend(block_ids)
+def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
+    """A block's prefix-cache hash. Python's hash of ints and tuples is the same in every process."""
+    return hash((parent_hash, token_ids))
 
 
 class KVCacheManager:
     """Per-request block tables over one `BlockPool`. Allocation is all or nothing."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}
+        self._num_registered: dict[str, int] = {}  # leading blocks of each table already findable
+        self._block_hashes: dict[str, list[int]] = {}  # each request's full blocks' hashes, grown lazily
 
     @property
     def num_total_blocks(self) -> int:
@@ -62,11 +44,18 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks an allocation may take (evictable cached ones included)."""
         return self.pool.num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:
+        """Blocks owned by at least one request."""
         return self.pool.num_total_blocks - self.pool.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks owned by nobody that still hold a findable prefix."""
+        return self.pool.num_cached_blocks
 
     def num_blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -85,32 +74,110 @@ class KVCacheManager:
         num_owned = len(self._block_tables.get(request.request_id, ()))
         return (num_owned + self.pool.num_free_blocks) * self.block_size - request.num_computed_tokens
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the request's table to cover its computed tokens plus `num_new_tokens`; all or nothing.
+    # ---- prefix cache ------------------------------------------------------------------------------
 
-        Returns False, changing nothing, when the pool cannot supply the blocks.
+    def block_hashes(self, request: Request, num_blocks: int) -> list[int]:
+        """Hashes of the request's first `num_blocks` blocks (all of them full of known tokens)."""
+        hashes = self._block_hashes.setdefault(request.request_id, [])
+        tokens, size = request.all_token_ids, self.block_size
+        while len(hashes) < num_blocks:
+            index = len(hashes)
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            hashes.append(hash_block(parent, tuple(tokens[index * size:(index + 1) * size])))
+        return hashes[:num_blocks]
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks holding the longest prefix of the request's tokens (at most num_tokens - 1)."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[int] = []
+        for index, block_hash in enumerate(self.block_hashes(request, max_blocks)):
+            block = self.pool.lookup(block_hash, self._key(request, index, blocks[-1] if blocks else None))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def register_full_blocks(self, request: Request) -> None:
+        """Make the request's blocks that are now full of computed tokens findable (after a step)."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._block_tables.get(request.request_id, [])
+        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        first = self._num_registered.get(request.request_id, 0)
+        if num_full <= first:
+            return
+        hashes = self.block_hashes(request, num_full)
+        for index in range(first, num_full):
+            parent = table[index - 1] if index else None
+            self.pool.cache(table[index], hashes[index], self._key(request, index, parent))
+        self._num_registered[request.request_id] = num_full
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were findable. Running requests go on."""
+        return self.pool.reset_prefix_cache()
+
+    def _key(self, request: Request, index: int, parent_block: int | None) -> CachedBlockKey:
+        size = self.block_size
+        tokens = tuple(request.all_token_ids[index * size:(index + 1) * size])
+        return CachedBlockKey(tokens, None if parent_block is None else self.pool.key_of(parent_block))
+
+    # ---- allocation ----------------------------------------------------------------------------
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Grow the request's table to cover its computed tokens, the `cached_blocks` it takes as its
+        prefix (from `find_cached_prefix`, only while it owns nothing) and `num_new_tokens` more.
+
+        All or nothing: returns False, changing nothing, when the pool cannot supply the blocks.
         """
-        needed = self.num_blocks_needed(request, num_new_tokens)
-        if needed == 0:
-            return True
-        new_blocks = self.pool.allocate(needed)
-        if new_blocks is None:
+        cached_blocks = cached_blocks or []
+        num_owned = len(self._block_tables.get(request.request_id, ()))
+        if cached_blocks and num_owned:
+            raise ValueError(f"request {request.request_id!r} already owns blocks; a cached prefix comes first")
+        num_tokens = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        needed = max(0, self.num_blocks_for_tokens(num_tokens) - num_owned - len(cached_blocks))
+        # NOTE: a cached block nobody owns sits in the free queue; taking it leaves one fewer to allocate.
+        evictable_taken = sum(1 for block in cached_blocks if self.pool.ref_counts[block] == 0)
+        if needed > self.pool.num_free_blocks - evictable_taken:
             return False
-        self._block_tables.setdefault(request.request_id, []).extend(new_blocks)
+        if cached_blocks:
+            self.pool.touch(cached_blocks)
+            self._num_registered[request.request_id] = len(cached_blocks)
+        new_blocks = self.pool.allocate(needed)
+        assert new_blocks is not None
+        if cached_blocks or new_blocks:
+            self._block_tables.setdefault(request.request_id, []).extend(cached_blocks + new_blocks)
         return True
 
     def free(self, request: Request) -> None:
-        """Return all the request's blocks to the pool at once. Idempotent."""
+        """Drop all the request's blocks at once (cached ones stay findable until evicted). Idempotent."""
         # NOTE: reversed, as vLLM does: a sequence's last blocks are the least likely to be shared by a
-        # later prompt, so once prefix caching exists they should be the first to be reused.
+        # later prompt, so they join the free queue first and are evicted first.
         self.pool.free(reversed(self._block_tables.pop(request.request_id, [])))
+        self._num_registered.pop(request.request_id, None)
+
+    def forget(self, request: Request) -> None:
+        """Drop what the manager remembers of a finished request (its hashes); frees nothing."""
+        self._block_hashes.pop(request.request_id, None)
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless every block is either free or owned by exactly one request."""
-        owned = [block for table in self._block_tables.values() for block in table]
+        """Raise AssertionError unless every block is free (or cached) with no owner, or owned by exactly
+        as many tables as its reference count says."""
+        counts = [0] * self.num_total_blocks
+        for table in self._block_tables.values():
+            for block in table:
+                counts[block] += 1
         free = self.pool.free_block_ids()
-        if sorted(owned + free) != list(range(self.num_total_blocks)):
-            raise AssertionError(
-                f"KV blocks corrupted: {len(owned)} owned ({len(set(owned))} distinct) + {len(free)} free "
-                f"({len(set(free))} distinct), {len(set(owned) & set(free))} both owned and free; "
-                f"the pool has {self.num_total_blocks}")
+        problems = []
+        if len(set(free)) != len(free):
+            problems.append("a block is in the free queue twice")
+        if any(counts[block] for block in free):
+            problems.append(f"{sum(1 for b in free if counts[b])} blocks both free and owned")
+        if counts != self.pool.ref_counts:
+            problems.append("reference counts differ from the block tables")
+        if sum(1 for c in counts if c) + len(free) != self.num_total_blocks:
+            problems.append("a block is neither free nor owned")
+        if problems:
+            raise AssertionError(f"KV blocks corrupted: {'; '.join(problems)} ({len(free)} free, "
+                                 f"{sum(1 for c in counts if c)} owned, the pool has {self.num_total_blocks})")

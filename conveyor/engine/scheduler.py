@@ -15,6 +15,11 @@ one prompt chunk at most 1/PREFILL_CHUNK_SHARE of the budget. Without that cap a
 (head-of-line blocking); with it, the short request is admitted at the next step and samples in it. Pass 3
 returns whatever admission did not use, so the cap never leaves the machine idle.
 
+Prefix caching: a waiting request starts from the longest block-aligned prefix of its tokens already in
+the KV cache (`kv_cache.py`), so only the rest is computed and budgeted. If the first block it would
+compute is being filled by a request planned in this step, admission stops for this step: next step that
+block is a hit, and a prefix shared by requests arriving together is computed once.
+
 Memory: when the KV pool cannot hold a running request's next tokens, the newest running request is
 preempted by recompute (it has the least work invested): its blocks are freed and it goes back to the
 front of the queue with nothing computed, to recompute its prompt and generated tokens as one prefill.
@@ -44,12 +49,13 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
         self.prefill_chunk_cap = max(1, config.max_num_batched_tokens // PREFILL_CHUNK_SHARE)
-        self.kv_cache = KVCacheManager(num_kv_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest, preempted first, is last
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.num_preemptions = 0
         self.step_index = 0  # counts non-empty steps
+        self._prefix_cache_queries = self._prefix_cache_hits = 0  # tokens, since the last step
         # What the runner has been told: requests it keeps state for, and how many of each one's block ids.
         self._num_blocks_sent: dict[str, int] = {}
         self._finished_since_last_step: list[str] = []
@@ -123,10 +129,20 @@ class Scheduler:
         # be preempted again next step (thrashing).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
+            cached_blocks = self.kv_cache.find_cached_prefix(request)  # new, or preempted: nothing computed
+            if self._next_block_is_being_computed(request, len(cached_blocks), planned):
+                break  # NOTE: a request ahead fills that block in this step; next step it is a cache hit
+            num_cached = len(cached_blocks) * self.kv_cache.block_size
             # NOTE: capped too, even the last in the queue: pass 3 then hands what is left to the oldest.
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget, self.prefill_chunk_cap)
-            if not self.kv_cache.allocate_slots(request, num_new):
+            num_new = min(request.num_tokens - num_cached, budget, self.prefill_chunk_cap)
+            if not self.kv_cache.allocate_slots(request, num_new, cached_blocks):
                 break  # NOTE: the head waits for blocks; skipping it could starve it behind smaller ones
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:  # what the caller is told: the first admission's hit
+                request.num_cached_tokens = num_cached
+            if self.kv_cache.enable_prefix_caching:
+                self._prefix_cache_queries += request.num_tokens
+                self._prefix_cache_hits += num_cached
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
@@ -152,10 +168,29 @@ class Scheduler:
             step_index=self.step_index, scheduled=scheduled, new_requests=new_requests,
             preempted_request_ids=preempted, finished_request_ids=finished, num_waiting=len(self.waiting),
             num_running=len(self.running), num_used_blocks=self.kv_cache.num_used_blocks,
-            num_total_blocks=self.kv_cache.num_total_blocks)
+            num_total_blocks=self.kv_cache.num_total_blocks, num_prefix_cache_queries=self._prefix_cache_queries,
+            num_prefix_cache_hits=self._prefix_cache_hits)
+        self._prefix_cache_queries = self._prefix_cache_hits = 0
         if scheduled:
             self.step_index += 1
         return output
+
+    def _next_block_is_being_computed(self, request: Request, num_cached_blocks: int,
+                                      planned: dict[Request, int]) -> bool:
+        """Whether the first block the request would compute is one a request planned in this step fills.
+
+        Several requests sharing a prefix that is not cached yet (a common system prompt, the n samples of
+        one prompt) then compute it once: the first computes, the others wait a step and hit the cache.
+        """
+        size = self.kv_cache.block_size
+        if not self.kv_cache.enable_prefix_caching or num_cached_blocks >= (request.num_tokens - 1) // size:
+            return False
+        wanted = self.kv_cache.block_hashes(request, num_cached_blocks + 1)[-1]
+        for other, num_new in planned.items():
+            first, end = other.num_computed_tokens // size, (other.num_computed_tokens + num_new) // size
+            if end > first and wanted in self.kv_cache.block_hashes(other, end)[first:]:
+                return True
+        return False
 
     @staticmethod
     def _new_request_data(request: Request) -> NewRequestData:
@@ -182,6 +217,7 @@ class Scheduler:
             if request is None:
                 continue  # NOTE: aborted while its step ran; its blocks are already back in the pool
             request.num_computed_tokens += scheduled.num_new_tokens
+            self.kv_cache.register_full_blocks(request)
             if scheduled.samples:
                 request.append_output_token(sampled_token_ids[request.request_id])
                 if request.first_token_time is None:
@@ -201,6 +237,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         self.kv_cache.free(request)
+        self.kv_cache.forget(request)
         if self._num_blocks_sent.pop(request_id, None) is not None:
             self._finished_since_last_step.append(request_id)  # the runner drops its state next step
         request.status = status

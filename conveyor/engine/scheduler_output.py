@@ -50,6 +50,8 @@ class SchedulerOutput:
     num_running: int = 0
     num_used_blocks: int = 0
     num_total_blocks: int = 0
+    num_prefix_cache_queries: int = 0  # tokens of the requests admitted since the last step
+    num_prefix_cache_hits: int = 0  # of those, tokens found in the prefix cache
 
     @property
     def total_num_scheduled_tokens(self) -> int:

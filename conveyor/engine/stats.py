@@ -32,7 +32,9 @@ class StepStats:
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    kv_blocks_cached: int = 0  # freed blocks kept for their prefix (0 until prefix caching exists)
+    kv_blocks_cached: int = 0  # owned by nobody but kept, findable, for their prefix (evictable)
+    prefix_cache_queries: int = 0  # tokens of the requests admitted in this step
+    prefix_cache_hits: int = 0  # of those, tokens found in the prefix cache
     preempted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
 

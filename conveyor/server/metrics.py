@@ -38,6 +38,8 @@ class ServerMetrics:
         self.preemptions = counter("num_preemptions", "Preemptions (recompute)")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed (recomputes included)")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.step_batch_size = Histogram("conveyor:step_batch_size", "Requests in each engine step", labels,
                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                          registry=self.registry).labels(model_name)
@@ -55,6 +57,8 @@ class ServerMetrics:
         self.preemptions.inc(len(stats.preempted))
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.step_batch_size.observe(len(stats.scheduled))
         for output in outputs:
             self._observe_request(output, now)
