@@ -184,6 +184,28 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- chat (W3) -------------------------------------------------------------------------------------
+
+def _chat(args: argparse.Namespace) -> int:
+    from conveyor.bench.chat import format_chat_summary, run_chat_benchmark
+    from conveyor.bench.serve import ServeSettings
+    from conveyor.bench.workloads import w3_conversations
+
+    conversations = w3_conversations(
+        seed=args.seed, num_conversations=args.num_conversations, num_system_prompts=args.num_system_prompts,
+        system_words=args.system_words, min_turns=args.min_turns, max_turns=args.max_turns,
+        conversation_rate=args.conversation_rate, mean_think_time=args.think_time)
+    settings = ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, seed=args.seed,
+                             slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key)
+    try:
+        summary = asyncio.run(run_chat_benchmark(conversations, settings))
+    except RuntimeError as error:
+        raise SystemExit(f"conveyor bench chat: {error}") from None
+    print(format_chat_summary(summary))
+    _write_json(args.output, summary)
+    return 0 if summary["failed"] == 0 else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
 
@@ -225,3 +247,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             parser.add_argument("--output", default="bench_results/sweep.json")
             parser.add_argument("--plots-dir", default="bench_results")
         parser.set_defaults(handler=handler)
+
+    chat = bench.add_parser("chat", help="W3 multi-turn chat conversations against an OpenAI-compatible server")
+    chat.add_argument("--base-url", default="http://127.0.0.1:8000")
+    chat.add_argument("--model-name", default=None, help="default: the server's first model")
+    chat.add_argument("--api-key", default=None)
+    chat.add_argument("--seed", type=int, default=7)
+    chat.add_argument("--num-conversations", type=int, default=16)
+    chat.add_argument("--num-system-prompts", type=int, default=3)
+    chat.add_argument("--system-words", type=int, default=400, help="words in each shared system prompt")
+    chat.add_argument("--min-turns", type=int, default=3)
+    chat.add_argument("--max-turns", type=int, default=6)
+    chat.add_argument("--conversation-rate", type=float, default=0.5, help="new conversations per second")
+    chat.add_argument("--think-time", type=float, default=2.0, help="mean seconds between a conversation's turns")
+    chat.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
+    chat.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on TPOT, seconds")
+    chat.add_argument("--output", default="bench_results/chat.json")
+    chat.set_defaults(handler=_chat)

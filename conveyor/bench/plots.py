@@ -60,8 +60,11 @@ def plot_cache_and_queues(steps: list[StepStats], path: Path, title: str) -> Pat
     start = steps[0].start_time if steps else 0.0
     times = [s.start_time - start for s in steps]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
-    top.plot(times, [100 * s.kv_blocks_used / max(1, s.kv_blocks_total) for s in steps], color="#59a14f")
-    top.set_ylabel("KV cache used (%)")
+    used = [100 * s.kv_blocks_used / max(1, s.kv_blocks_total) for s in steps]
+    cached = [100 * s.kv_blocks_cached / max(1, s.kv_blocks_total) for s in steps]
+    top.stackplot(times, used, cached, colors=["#59a14f", "#bab0ac"], labels=["used", "cached (evictable)"])
+    top.set_ylabel("KV cache blocks (%)")
+    top.legend(loc="upper right", fontsize=8)
     top.set_title(title)
     bottom.plot(times, [s.num_running for s in steps], label="running")
     bottom.plot(times, [s.num_waiting for s in steps], label="waiting")

@@ -3,7 +3,8 @@
 Token-id prompts from the W1 generator, `max_tokens = output_len`, `ignore_eos`, greedy, streamed.
 Arrivals follow a gamma process (burstiness 1.0 = Poisson; lower = burstier) at `request_rate`
 requests/s, or requests are sent as fast as `max_concurrency` allows. Per request: TTFT, TPOT (time per
-output token after the first), inter-token latencies and end-to-end latency.
+output token after the first), inter-token latencies and end-to-end latency. `stream_request` (one
+streamed completion or chat request, timed) is shared with the chat benchmark (W3, `chat.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class RequestResult:
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""  # the streamed text, for a chat's next turn
+    prompt_tokens: int = 0  # as the server counted them (usage)
+    cached_tokens: int = 0  # of those, found in its prefix cache (usage.prompt_tokens_details), if it says
 
     @property
     def tpot(self) -> float:
@@ -57,15 +61,13 @@ def arrival_delays(count: int, rate: float, burstiness: float, seed: int) -> lis
     return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=count).tolist()
 
 
-async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, request: BenchRequest) -> RequestResult:
-    output_len = settings.max_tokens or request.output_len
-    result = RequestResult(len(request.prompt_token_ids), output_len, success=False)
-    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": output_len,
-            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def stream_request(client: httpx.AsyncClient, path: str, body: dict, result: RequestResult) -> RequestResult:
+    """Send one streamed completions or chat request; fill `result` with its timings, text and usage."""
     started = time.perf_counter()
     last = started
+    pieces: list[str] = []
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
@@ -74,9 +76,12 @@ async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, r
                     continue
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
-                    result.generated = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                    _read_usage(chunk["usage"], result)
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if not text:
                     continue
+                pieces.append(text)
                 now = time.perf_counter()
                 if result.ttft == 0.0:
                     result.ttft = now - started
@@ -84,15 +89,31 @@ async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, r
                     result.itls.append(now - last)
                 last = now
         result.e2e = time.perf_counter() - started
-        result.success = result.generated == output_len
+        result.text = "".join(pieces)
+        result.success = result.generated == result.output_len
         if not result.success:
-            result.error = f"generated {result.generated} of {output_len} tokens"
+            result.error = f"generated {result.generated} of {result.output_len} tokens"
     except httpx.HTTPError as error:
         result.error = repr(error)
     return result
 
 
-async def _first_model(client: httpx.AsyncClient) -> str:
+def _read_usage(usage: dict, result: RequestResult) -> None:
+    result.generated = usage.get("completion_tokens", 0)
+    result.prompt_tokens = usage.get("prompt_tokens", 0)
+    details = usage.get("prompt_tokens_details") or {}
+    result.cached_tokens = details.get("cached_tokens") or 0
+
+
+async def _one(client: httpx.AsyncClient, settings: ServeSettings, model: str, request: BenchRequest) -> RequestResult:
+    output_len = settings.max_tokens or request.output_len
+    result = RequestResult(len(request.prompt_token_ids), output_len, success=False)
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return await stream_request(client, "/v1/completions", body, result)
+
+
+async def first_model(client: httpx.AsyncClient) -> str:
     response = await client.get("/v1/models")
     try:
         return response.json()["data"][0]["id"]
@@ -107,7 +128,7 @@ async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSetti
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
                                  limits=limits) as client:
-        model = settings.model or await _first_model(client)
+        model = settings.model or await first_model(client)
         gate = asyncio.Semaphore(settings.max_concurrency or len(requests))
 
         async def limited(request: BenchRequest) -> RequestResult:
