@@ -201,10 +201,9 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+            prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
         except Exception as error:  # a template's raise_exception, or no template at all
             raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from None
-        prompt_ids = tokenizer.encode(prompt_text)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
         request_id = new_id("chatcmpl")
@@ -268,11 +267,10 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages")
-        if body.messages is not None:
-            text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])
+        if body.messages is not None:  # the very ids a chat completion runs
+            tokens = tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
         else:
-            text = body.prompt or ""
-        tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+            tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
