@@ -30,6 +30,7 @@ CORPUS = [
     "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
     "<bos>user text that starts with the BOS string",
     "special strings in user text: <eos> <pad> <s> </s> <unk> <mask> <|endoftext|> <|im_start|>",
+    "<s>glued</s>to<pad>text<eos>x",  # SentencePiece's prefix space after a special token, or not (legacy)
     "Numbers 1234567890 and 3.14159, URLs https://example.com/a?b=c&d=e",
     "\u200b zero width and \ufeff BOM and \x00 null",
 ]
