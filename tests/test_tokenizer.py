@@ -13,27 +13,7 @@ from tokenizers.models import BPE
 
 from conveyor.tokenizer import GEMMA_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer, load_tokenizer
 from conveyor.tokenizer.pipelines import set_special_token_template
-
-CORPUS = [
-    "The capital of France is Paris.",
-    "",
-    " The capital of France is",
-    "  leading and trailing spaces  ",
-    "runs    of     spaces\n\n\nand\t\ttabs\r\n",
-    "\n\nleading newlines",
-    "日本語のテキストと中文文本，还有한국어.",
-    "Ça va? Übermäßig große Äpfel — naïve café. ¿Qué tal?",
-    "decomposed: cafe\u0301 and A\u030a",  # NFC-normalizing tokenizers (Qwen2) change these
-    "עברית ועربية mixed right-to-left",
-    "def f(x):\n    if x > 1:\n        return [i ** 2 for i in range(x)]  # comment\n",
-    "emoji 🤖🎉 and ZWJ 👩‍👩‍👧‍👦 and flags 🇫🇷 and skin tones 👍🏽",
-    "<start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n",
-    "<bos>user text that starts with the BOS string",
-    "special strings in user text: <eos> <pad> <s> </s> <unk> <mask> <|endoftext|> <|im_start|>",
-    "<s>glued</s>to<pad>text<eos>x",  # SentencePiece's prefix space after a special token, or not (legacy)
-    "Numbers 1234567890 and 3.14159, URLs https://example.com/a?b=c&d=e",
-    "\u200b zero width and \ufeff BOM and \x00 null",
-]
+from tests.tokenizer_parity import CORPUS, assert_same_ids_as_transformers
 
 
 def _byte_fallback_tokenizer() -> Tokenizer:
@@ -162,23 +142,13 @@ HF_DIRECTORIES: dict[str, tuple[dict[str, bool], dict[str, Any], str]] = {
 def test_hf_directory_ids_equal_transformers(name: str, tmp_path: Path) -> None:
     shape, tokenizer_config, model_type = HF_DIRECTORIES[name]
     directory = _write_dir(tmp_path / name, _sentencepiece_json(**shape), tokenizer_config, model_type)
-    _assert_same_ids_as_transformers(load_tokenizer(str(directory)), directory)
+    assert_same_ids_as_transformers(load_tokenizer(str(directory)), directory)
 
 
 @pytest.mark.parametrize("architecture", ["gemma3", "llama", "qwen2", "qwen3"])
 def test_tiny_model_ids_equal_transformers(architecture: str, tiny_model_dirs: dict[str, Path]) -> None:
     directory = tiny_model_dirs[architecture]
-    _assert_same_ids_as_transformers(load_tokenizer(str(directory)), directory)
-
-
-def _assert_same_ids_as_transformers(ours: Tokenizer, directory: Path, gguf_file: str | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    reference = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-    for text in CORPUS:
-        assert ours.encode(text) == reference(text)["input_ids"], repr(text)
-        assert ours.encode(text, add_special_tokens=False) == reference(text, add_special_tokens=False)[
-            "input_ids"], repr(text)
+    assert_same_ids_as_transformers(load_tokenizer(str(directory)), directory)
 
 
 # ---- the default model (GGUF) ----------------------------------------------------------------------------
@@ -198,7 +168,7 @@ def test_same_ids_as_transformers_gguf_tokenizer(ours: Tokenizer) -> None:
     from conveyor.model.loader import default_model_path
 
     path = Path(default_model_path())
-    _assert_same_ids_as_transformers(ours, path.parent, gguf_file=path.name)
+    assert_same_ids_as_transformers(ours, path.parent, gguf_file=path.name)
     reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in CORPUS:
         assert ours.decode(ours.encode(text)) == reference.decode(reference(text)["input_ids"],
