@@ -213,16 +213,10 @@ def ours() -> Tokenizer:
 
 @pytest.mark.slow
 def test_same_ids_as_transformers_gguf_tokenizer(ours: Tokenizer) -> None:
-    from transformers import AutoTokenizer
-
     from conveyor.model.loader import default_model_path
 
     path = Path(default_model_path())
     assert_same_ids_as_transformers(ours, path.parent, gguf_file=path.name)
-    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    for text in CORPUS:
-        assert ours.decode(ours.encode(text)) == reference.decode(reference(text)["input_ids"],
-                                                                  skip_special_tokens=True), repr(text)
 
 
 @pytest.mark.slow

@@ -29,10 +29,13 @@ CORPUS = [
 
 
 def assert_same_ids_as_transformers(ours: Tokenizer, directory: Path, gguf_file: str | None = None) -> None:
+    """Ids with and without special tokens, and the text decoded back, over the corpus."""
     from transformers import AutoTokenizer
 
     reference = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     for text in CORPUS:
-        assert ours.encode(text) == reference(text)["input_ids"], repr(text)
+        ids = reference(text)["input_ids"]
+        assert ours.encode(text) == ids, repr(text)
         assert ours.encode(text, add_special_tokens=False) == reference(text, add_special_tokens=False)[
             "input_ids"], repr(text)
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), repr(text)

@@ -99,19 +99,19 @@ def as_added_token(value: Any, special: bool = True) -> AddedToken:
 
 
 def add_missing_tokens(backend: RustTokenizer, tokens: Iterable[Any], special: bool = True) -> None:
-    """Tokens the tokenizer names that the backend does not match whole yet. Like transformers, a token
-    missing from the vocabulary gets a new id."""
-    known = {t.content for t in backend.get_added_tokens_decoder().values()}
+    """Tokens the tokenizer names that the backend does not match whole yet, or not as special ones.
+    Like transformers, a token missing from the vocabulary gets a new id."""
+    known = {t.content: t.special for t in backend.get_added_tokens_decoder().values()}
     for value in tokens:
         content = token_content(value)
-        if not content or content in known:
+        token = as_added_token(value, special) if content else None
+        if token is None or (content in known and (known[content] or not token.special)):
             continue
-        token = as_added_token(value, special)
         if token.special:
             backend.add_special_tokens([token])
         else:
             backend.add_tokens([token])
-        known.add(content)
+        known[token.content] = token.special
 
 
 def set_special_token_template(backend: RustTokenizer, bos_token: str | None, eos_token: str | None,
