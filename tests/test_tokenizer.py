@@ -153,54 +153,6 @@ def test_tiny_model_ids_equal_transformers(architecture: str, tiny_model_dirs: d
     assert_same_ids_as_transformers(load_tokenizer(str(directory)), directory)
 
 
-# ---- GGUF files: the same ids as AutoTokenizer(gguf_file=...) ------------------------------------------
-
-_CONTROL, _NORMAL, _UNKNOWN, _USER_DEFINED, _BYTE = 3, 1, 2, 4, 6  # GGUF token types
-GGUF_TOKENS = [("<pad>", _CONTROL), ("<eos>", _CONTROL), ("<bos>", _CONTROL), ("<unk>", _UNKNOWN),
-               ("<mask>", _USER_DEFINED), *((f"<0x{b:02X}>", _BYTE) for b in range(256)),
-               *((piece, _NORMAL) for piece in [*"abcdefghijklmnopqrstuvwxyzTFP.,\n", "\u2581", "\u2581t",
-                                                "he", "\u2581the", "  ", "   "]),  # spaces stored as spaces
-               ("<start_of_turn>", _CONTROL), ("<end_of_turn>", _CONTROL), ("<think>", _USER_DEFINED)]
-
-
-def _write_gemma_gguf(path: Path, add_bos: bool | None, add_eos: bool | None,
-                      add_space_prefix: bool | None) -> None:
-    """Tokenizer metadata only, as llama.cpp writes it for Gemma (no merges); None leaves a flag out."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([token for token, _ in GGUF_TOKENS])
-    writer.add_token_types([kind for _, kind in GGUF_TOKENS])
-    writer.add_token_scores([0.0] * len(GGUF_TOKENS))
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_pad_token_id(0)
-    writer.add_unk_token_id(3)
-    for flag, add in ((add_bos, writer.add_add_bos_token), (add_eos, writer.add_add_eos_token),
-                      (add_space_prefix, writer.add_add_space_prefix)):
-        if flag is not None:
-            add(flag)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-@pytest.mark.parametrize("add_bos, add_eos, add_space_prefix",
-                         [(True, False, False), (False, False, False), (True, True, None), (None, None, True)])
-def test_gguf_ids_equal_transformers(add_bos: bool | None, add_eos: bool | None,
-                                     add_space_prefix: bool | None, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "tokenizer.gguf"
-    _write_gemma_gguf(path, add_bos, add_eos, add_space_prefix)
-    ours = load_tokenizer(str(path))
-    assert_same_ids_as_transformers(ours, tmp_path, gguf_file=path.name)
-    assert ours.encode("the")[0] == 2 if add_bos is not False else ours.encode("the")[0] != 2
-    assert load_tokenizer(str(path)).encode("the") == ours.encode("the")  # from the cache, the same
-
-
 # ---- the default model (GGUF) ----------------------------------------------------------------------------
 
 
