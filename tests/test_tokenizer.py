@@ -24,7 +24,8 @@ def _byte_fallback_tokenizer() -> Tokenizer:
         vocab[ch] = len(vocab)
     backend = RustTokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", "\u2581")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
     backend.add_special_tokens(["<pad>", "<eos>", "<bos>"])
     set_special_token_template(backend, "<bos>", "<eos>", add_bos=True, add_eos=False)
     return Tokenizer(backend, {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, ["<eos>"],

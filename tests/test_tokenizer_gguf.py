@@ -29,11 +29,12 @@ LETTERS = [*"abcdefghijklmnopqrstuvwxyzTFP.,\n", "\u2581", "\u2581t", "he", "\u2
 GEMMA_TOKENS = _sentencepiece_tokens(["<pad>", "<eos>", "<bos>"], [*LETTERS, "  ", "   "])
 LLAMA_TOKENS = _sentencepiece_tokens(["<pad>", "</s>", "<s>"], [*LETTERS, "\u2581\u2581"])
 BYTE_LEVEL_TOKENS = [*((symbol, NORMAL) for _, symbol in sorted(_bytes_to_unicode().items())),
-                     *((piece, NORMAL) for piece in ["Ġt", "he", "Ġthe", "ĠĠ", "in", "Ġin"]),
+                     *((piece, NORMAL) for piece in ["Ġt", "he", "Ġthe", "ĠĠ", "in", "Ġin", "12", "34"]),
                      ("<|begin_of_text|>", CONTROL), ("<|endoftext|>", CONTROL), ("<|im_start|>", CONTROL),
                      ("<|im_end|>", CONTROL), ("<think>", USER_DEFINED),
                      ("control é", CONTROL)]  # outside the byte alphabet: a mislabel both sides skip
-BYTE_LEVEL_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ Ġ", "i n", "Ġ in"]
+# "3 4" and "1 2" tell the pre-tokenization splits apart: digits alone (Qwen2), by three (Llama 3), or a run.
+BYTE_LEVEL_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ Ġ", "i n", "Ġ in", "3 4", "1 2"]
 LAST = len(BYTE_LEVEL_TOKENS) - 1
 
 # name: (architecture, tokenizer model, tokens, other metadata); bos/eos are token ids.
@@ -42,26 +43,28 @@ FILES: dict[str, tuple[str, str, list[tuple[str, int]], dict[str, Any]]] = {
     "gemma-no-bos": ("gemma3", "llama", GEMMA_TOKENS, {"bos": 2, "eos": 1, "add_bos": False}),
     "gemma-bos-and-eos": ("gemma3", "llama", GEMMA_TOKENS, {"bos": 2, "eos": 1, "add_eos": True}),
     "gemma-space-prefix": ("gemma3", "llama", GEMMA_TOKENS, {"bos": 2, "eos": 1, "add_space_prefix": True}),
-    "llama-merges-by-score": ("llama", "llama", LLAMA_TOKENS,
-                              {"bos": 2, "eos": 1, "scores": [-float(i) for i in range(len(LLAMA_TOKENS))]}),
-    "llama-tied-scores": ("llama", "llama", LLAMA_TOKENS,
-                          {"bos": 2, "eos": 1, "scores": [0.0] * len(LLAMA_TOKENS), "add_bos": False}),
-    "llama3-byte-level": ("llama", "gpt2", BYTE_LEVEL_TOKENS, {"merges": BYTE_LEVEL_MERGES, "pre": "llama-bpe",
-                                                                "bos": LAST - 5, "eos": LAST - 4, "add_bos": True}),
-    "qwen2-byte-level": ("qwen2", "gpt2", BYTE_LEVEL_TOKENS, {"merges": BYTE_LEVEL_MERGES, "pre": "qwen2",
-                                                               "eos": LAST - 4}),
-    "qwen3-byte-level": ("qwen3", "gpt2", BYTE_LEVEL_TOKENS, {"merges": BYTE_LEVEL_MERGES, "pre": "qwen2",
-                                                               "bos": LAST - 4, "eos": LAST - 2, "add_eos": True}),
+    "llama-merges-by-score": ("llama", "llama", LLAMA_TOKENS, {
+        "bos": 2, "eos": 1, "scores": [-float(i) for i in range(len(LLAMA_TOKENS))]}),
+    "llama-tied-scores": ("llama", "llama", LLAMA_TOKENS, {
+        "bos": 2, "eos": 1, "scores": [0.0] * len(LLAMA_TOKENS), "add_bos": False}),
+    "llama3-byte-level": ("llama", "gpt2", BYTE_LEVEL_TOKENS, {
+        "merges": BYTE_LEVEL_MERGES, "pre": "llama-bpe", "bos": LAST - 5, "eos": LAST - 4, "add_bos": True}),
+    "qwen2-byte-level": ("qwen2", "gpt2", BYTE_LEVEL_TOKENS, {
+        "merges": BYTE_LEVEL_MERGES, "pre": "qwen2", "eos": LAST - 4}),
+    "qwen3-byte-level": ("qwen3", "gpt2", BYTE_LEVEL_TOKENS, {
+        "merges": BYTE_LEVEL_MERGES, "pre": "qwen2", "bos": LAST - 4, "eos": LAST - 2, "add_eos": True}),
 }
 
 
-def _write(path: Path, architecture: str, model: str, tokens: list[tuple[str, int]], metadata: dict[str, Any]) -> None:
+def _write(path: Path, architecture: str, model: str, tokens: list[tuple[str, int]],
+           metadata: dict[str, Any]) -> None:
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_tokenizer_model(model)
     writer.add_token_list([token for token, _ in tokens])
     writer.add_token_types([kind for _, kind in tokens])
-    setters = {"pre": writer.add_tokenizer_pre, "scores": writer.add_token_scores, "merges": writer.add_token_merges,
-               "bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "add_bos": writer.add_add_bos_token,
+    setters = {"pre": writer.add_tokenizer_pre, "scores": writer.add_token_scores,
+               "merges": writer.add_token_merges, "bos": writer.add_bos_token_id,
+               "eos": writer.add_eos_token_id, "add_bos": writer.add_add_bos_token,
                "add_eos": writer.add_add_eos_token, "add_space_prefix": writer.add_add_space_prefix}
     for key, value in metadata.items():
         setters[key](value)

@@ -73,8 +73,8 @@ def _convert(path: str | Path) -> tuple[RustTokenizer, dict[str, Any]]:
                                      field("tokenizer.ggml.pre"))
         class_name = "GPT2Tokenizer"
     else:
-        raise ValueError(f"conveyor cannot build a {model!r} tokenizer from GGUF ({arch!r}); pass --tokenizer "
-                         "with the model's tokenizer.json")
+        raise ValueError(f"conveyor cannot build a {model!r} tokenizer from GGUF ({arch!r}); "
+                         "pass --tokenizer with the model's tokenizer.json")
     if field("tokenizer.ggml.add_space_prefix", False) and class_name != "LlamaTokenizer":
         logger.warning("%s asks for a prefix space; like transformers, conveyor adds none", path)
 

@@ -77,8 +77,9 @@ def byte_level_backend(tokens: list[str], token_types: list[int], merges: list[s
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     # A control token outside the byte alphabet is a llama.cpp mislabel; transformers skips it too.
-    _add_typed_tokens(backend, "GPT2Tokenizer", tokens, [kind if kind != CONTROL or set(token) <= alphabet else 0
-                                        for token, kind in zip(tokens, token_types)], vocab)
+    types = [kind if kind != CONTROL or set(token) <= alphabet else 0
+             for token, kind in zip(tokens, token_types)]
+    _add_typed_tokens(backend, "GPT2Tokenizer", tokens, types, vocab)
     return backend
 
 
@@ -107,20 +108,18 @@ def _merges_in_token_order(vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def _merges_by_score(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
-    """transformers' `generate_merges` with scores: higher-scored tokens merge first (a stable sort, so
-    ties keep the order of the pieces' ids)."""
-    merges: list[tuple[str, str, float]] = []
-    for token, score in scores.items():
-        local = [(token[:cut], token[cut:], score) for cut in range(1, len(token))
-                 if token[:cut] in vocab and token[cut:] in vocab]
-        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    """transformers' `generate_merges` with scores: higher-scored tokens merge first, then longer left
+    pieces; the sort is stable, so equal keys keep the file's token order."""
+    merges = [(token[:cut], token[cut:], score) for token, score in scores.items()
+              for cut in range(1, len(token)) if token[:cut] in vocab and token[cut:] in vocab]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: printable bytes stand for themselves, the rest map past U+0100."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
