@@ -11,6 +11,7 @@ transformers' `AutoTokenizer` (5.x) does for the same directory:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from conveyor.tokenizer.pipelines import (
 )
 from conveyor.tokenizer.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 # AutoTokenizer's class for a config.json model_type, where it has one (transformers.models.auto).
 _CLASS_BY_MODEL_TYPE = {
     **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"), "GemmaTokenizer"),
@@ -33,6 +36,8 @@ _CLASS_BY_MODEL_TYPE = {
 }
 # Model types whose declared tokenizer_class AutoTokenizer overrides with its own.
 _DECLARED_CLASS_OVERRIDDEN = {"qwen2"}
+# Classes that run tokenizer.json as written ("PreTrainedTokenizerFast" less its "Fast").
+_AS_WRITTEN = {"TokenizersBackend", "PreTrainedTokenizer"}
 
 
 def load_hf_tokenizer(path: str | Path, chat_template_file: str | None = None) -> Tokenizer:
@@ -48,7 +53,10 @@ def load_hf_tokenizer(path: str | Path, chat_template_file: str | None = None) -
     backend = RustTokenizer.from_str(serialized)
 
     class_name = tokenizer_class(settings, model_config, byte_level='"ByteLevel"' in serialized)
-    named = {**DEFAULT_SPECIAL_TOKENS.get(class_name, {}),
+    if class_name not in PIPELINES and class_name not in _AS_WRITTEN:
+        logger.warning("%s declares %s; conveyor runs its tokenizer.json as written, which transformers' %s "
+                       "may not", directory, class_name, class_name)
+    named = {**(DEFAULT_SPECIAL_TOKENS[class_name] if class_name in PIPELINES else {}),
              **{name: settings[name] for name in SPECIAL_TOKEN_NAMES if name in settings}}
     if class_name in PIPELINES:
         PIPELINES[class_name](backend, {**settings, "unk_token": token_content(named.get("unk_token"))})
