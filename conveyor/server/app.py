@@ -143,6 +143,13 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         prompt = sum(prompt_counts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def chat_prompt_ids(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids of a conversation: what a chat completion runs and /tokenize reports."""
+        try:
+            return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # a template's raise_exception, or no template at all
+            raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from None
+
     # ---- completions --------------------------------------------------------------------------
 
     @app.post("/v1/completions")
@@ -200,11 +207,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        try:
-            prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
-        except Exception as error:  # a template's raise_exception, or no template at all
-            raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from None
-        prompt_ids = tokenizer.encode(prompt_text)
+        prompt_ids = chat_prompt_ids(messages, body.add_generation_prompt)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
         request_id = new_id("chatcmpl")
@@ -269,10 +272,9 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages")
         if body.messages is not None:
-            text = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages])
+            tokens = chat_prompt_ids([m.model_dump(exclude_none=True) for m in body.messages])
         else:
-            text = body.prompt or ""
-        tokens = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+            tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
