@@ -47,13 +47,19 @@ class ServerMetrics:
         self._last_token_time: dict[str, float] = {}
         self._seen = (0, 0, 0)
 
-    def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput], step_seconds: float) -> None:
-        """Called by the engine thread after every step."""
-        now = time.monotonic()
+    def observe_queue(self, engine: LLMEngine) -> None:
+        """Called by the engine thread after every step and after adds and aborts, so an aborted request
+        leaves the gauges at once rather than at the next step (which may never come when it was the last)."""
         scheduler = engine.scheduler
         self.num_running.set(scheduler.num_running)
         self.num_waiting.set(scheduler.num_waiting)
         self.kv_cache_usage.set(scheduler.kv_cache.usage)
+
+    def observe_step(self, engine: LLMEngine, outputs: list[RequestOutput], step_seconds: float) -> None:
+        """Called by the engine thread after every step."""
+        now = time.monotonic()
+        scheduler = engine.scheduler
+        self.observe_queue(engine)
         totals = (scheduler.num_preemptions, engine.num_prompt_tokens_total, engine.num_generation_tokens_total)
         for metric, new, old in zip((self.preemptions, self.prompt_tokens, self.generation_tokens), totals,
                                     self._seen):
