@@ -113,9 +113,11 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
             raise APIError(400, f"cannot apply the chat template: {error}", param="messages") from None
 
     def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        # A top_k beyond the vocabulary filters nothing; as given, a huge one would overflow in the sampler.
+        top_k = body.top_k if body.top_k < engine.model_config.vocab_size else -1
         try:
             return SamplingParams(
-                n=1, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                n=1, temperature=body.temperature, top_p=body.top_p, top_k=top_k, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],

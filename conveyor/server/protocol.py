@@ -15,21 +15,25 @@ from pydantic_core import PydanticCustomError
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def invalid_unicode_path(value: Any) -> str | None:
-    """The dotted path of the first string (or key) in a parsed JSON value that holds a lone surrogate.
-    Iterative: a deeply nested body must not exhaust the stack."""
+    """The dotted path (surrogates escaped) of the first string or key in a parsed JSON value that holds a
+    lone surrogate. Iterative: a deeply nested body must not exhaust the stack."""
     pending: list[tuple[str, Any]] = [("", value)]
     while pending:
         path, item = pending.pop()
         if isinstance(item, str):
             if _SURROGATE.search(item):
-                return path
+                return _escaped(path)
             continue
         children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
         for key, child in children:
             child_path = f"{path}.{key}" if path else str(key)
             if isinstance(key, str) and _SURROGATE.search(key):
-                return child_path
+                return _escaped(child_path)
             pending.append((child_path, child))
     return None
 
@@ -132,4 +136,7 @@ def now() -> int:
 
 
 def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    """The OpenAI error object. Message and param may quote the client's input: lone surrogates in it are
+    escaped, or the answer itself could not be encoded."""
+    return {"error": {"message": _escaped(message), "type": error_type,
+                      "param": None if param is None else _escaped(param), "code": status}}
