@@ -53,9 +53,17 @@ class RequestGroup:
         self._request_ids: list[str] = []
         self._finished: set[str] = set()
 
-    async def add(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> None:
-        self.streams.append(self._track(await self.llm.add_request(prompt, params, request_id)))
-        self._request_ids.append(request_id)
+    async def add(self, requests: list[tuple[str | list[int], SamplingParams, str]]) -> None:
+        """Queue (prompt, params, request id)s at once, so they reach the engine in one drain, not one step
+        each. If any is refused, its exception is raised (a ValueError for the client's input) and the rest,
+        having been added, are left for `close()` to abort."""
+        added = await asyncio.gather(*(self.llm.add_request(*request) for request in requests),
+                                     return_exceptions=True)
+        self._request_ids += [request_id for _, _, request_id in requests]
+        self.streams += [self._track(stream) for stream in added if not isinstance(stream, BaseException)]
+        failure = next((error for error in added if isinstance(error, BaseException)), None)
+        if failure is not None:
+            raise failure
 
     async def _track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         async for output in stream:

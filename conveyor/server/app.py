@@ -133,17 +133,19 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         if count > settings.max_choices_per_request:
             raise APIError(400, f"{len(prompts)} prompts x n={n} is {count} sequences; at most "
                                 f"{settings.max_choices_per_request} are allowed per request", param="n")
+        if admission.limit is not None and count > admission.limit:
+            raise APIError(400, f"{count} sequences can never be admitted: the server takes at most "
+                                f"{admission.limit} at once", param="n")
         try:
             release = admission.admit(count)
         except QueueFullError as error:
             raise APIError(429, f"the server is busy: {error}", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         group = RequestGroup(llm, release)
+        children = [(prompt, dataclasses.replace(params, seed=None if params.seed is None else params.seed + sample),
+                     f"{request_id}-{p_index}-{sample}") for p_index, prompt in enumerate(prompts) for sample in range(n)]
         try:
-            for p_index, prompt in enumerate(prompts):
-                for sample in range(n):
-                    child = dataclasses.replace(params, seed=None if params.seed is None else params.seed + sample)
-                    await group.add(prompt, child, f"{request_id}-{p_index}-{sample}")
+            await group.add(children)
         except ValueError as error:
             group.close()
             raise APIError(400, str(error)) from None
