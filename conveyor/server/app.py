@@ -179,7 +179,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     @app.post("/v1/completions", responses=error_responses(*_GENERATION_ERRORS))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        prompts = _normalize_prompts(body.prompt)
+        prompts = _normalize_prompts(body.prompt, engine.model_config.vocab_size)
         params = sampling_params(body, body.max_tokens, body.logprobs)
         request_id = new_id("cmpl")
         prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else []
@@ -327,7 +327,8 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     return app
 
 
-def _normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+def _normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]],
+                       vocab_size: int) -> list[str | list[int]]:
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -336,6 +337,9 @@ def _normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
         prompts = list(prompt)  # type: ignore[arg-type]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise APIError(400, "the prompt is empty", param="prompt")
+    bad = [t for p in prompts if not isinstance(p, str) for t in p if not 0 <= t < vocab_size]
+    if bad:  # checked here too, before anything (echo's decoding) touches them
+        raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}", param="prompt")
     return prompts
 
 
