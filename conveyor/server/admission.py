@@ -1,13 +1,18 @@
-"""Admission (the queue limit) and the engine requests of one HTTP request, aborted together.
+"""Admission (the queue limit), and the engine requests of one HTTP request, aborted together when its
+client is gone.
 
-Both live on the event loop: it is one thread, so admitting (check, then count) cannot interleave with
-another request's admission, however large the burst.
+All of it lives on the event loop: it is one thread, so admitting (check, then count) cannot interleave
+with another request's admission, however large the burst.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from conveyor.engine.async_engine import AsyncLLM
 from conveyor.outputs import RequestOutput
@@ -92,3 +97,24 @@ class RequestGroup:
             if request_id not in self._finished:
                 self.llm.abort(request_id)
         self.release()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return when the client hangs up: after the body, the receive channel carries only that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class GroupStreamingResponse(StreamingResponse):
+    """Server-sent events that close their request group however the response ends: finished, client gone
+    (Starlette cancels the stream), or gone before the first byte (the stream never started)."""
+
+    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.group.close()

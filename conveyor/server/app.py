@@ -12,14 +12,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
-from conveyor.server.admission import Admission, QueueFullError, RequestGroup
+from conveyor.server.admission import (
+    Admission,
+    GroupStreamingResponse,
+    QueueFullError,
+    RequestGroup,
+    wait_for_disconnect,
+)
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.middleware import REQUEST_ID_KEY, GuardSettings, RequestGuard
 from conveyor.server.openapi import error_responses, install_openapi
@@ -157,7 +163,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     async def collect(group: RequestGroup, request: Request) -> list[RequestOutput]:
         """Every request's final output; if the client hangs up first, 499 (the group's close aborts)."""
         finals = asyncio.ensure_future(group.finals())
-        hangup = asyncio.ensure_future(_disconnected(request))
+        hangup = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             await asyncio.wait([finals, hangup], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -213,7 +219,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
                         "total_tokens": prompt_total + completion_tokens}})
                 yield "data: [DONE]\n\n"
 
-            return _GroupStreamingResponse(events(), group)
+            return GroupStreamingResponse(events(), group)
 
         try:
             finals = await collect(group, request)
@@ -270,7 +276,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
                         "total_tokens": len(prompt_ids) + completion_tokens}})
                 yield "data: [DONE]\n\n"
 
-            return _GroupStreamingResponse(events(), group)
+            return GroupStreamingResponse(events(), group)
 
         try:
             finals = await collect(group, request)
@@ -361,27 +367,6 @@ def _sse_error(error: Exception, request: Request) -> str:
     request_id = request.scope.get(REQUEST_ID_KEY, "unknown")
     logger.error("request %s failed mid-stream: %r", request_id, error)
     return _sse(error_body(f"internal error (request id {request_id})", "internal_server_error", 500))
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client hangs up: after the body, the receive channel carries only that."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _GroupStreamingResponse(StreamingResponse):
-    """Server-sent events that close their request group however the response ends: finished, client gone
-    (Starlette cancels the stream), or gone before the first byte (the stream never started)."""
-
-    def __init__(self, content: AsyncIterator[str], group: RequestGroup) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self.group = group
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.group.close()
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]
