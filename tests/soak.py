@@ -87,8 +87,11 @@ async def _traffic(server: RunningServer, seconds: float, concurrency: int, outc
     async def worker(seed: int) -> None:
         chooser = random.Random(seed)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as http:
-            while time.monotonic() < deadline:
-                await _one(http, chooser, outcomes)
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:  # the soak ends on time: whatever is in flight then is hung up on, one more disconnect
+                    await asyncio.wait_for(_one(http, chooser, outcomes), timeout=remaining)
+                except asyncio.TimeoutError:
+                    outcomes["in flight at the end: hung up"] += 1
 
     await asyncio.gather(*(worker(seed) for seed in range(concurrency)))
 
