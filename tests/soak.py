@@ -48,8 +48,8 @@ def _pick_request(chooser: random.Random) -> tuple[str, str, dict[str, Any], str
     if roll < 0.84:
         return "non-streamed, hung up", "/v1/chat/completions", {**chat, "max_tokens": 256, "n": 2}, "hang_up"
     if roll < 0.92:
-        bad = chooser.choice([{"prompt": "hi \ud800"}, {"prompt": "x", "temperature": -1}, {"prompt": [1, -5]},
-                              {"prompt": "x", "n": 99}])
+        bad = chooser.choice([{"prompt": "hi \ud800"}, {"prompt": "x", "temperature": -1},
+                              {"prompt": [1, -5]}, {"prompt": "x", "n": 99}])
         return "bad input", "/v1/completions", bad, "bad"
     return "tokenize", "/tokenize", {"prompt": prompt}, "finish"
 
@@ -60,7 +60,8 @@ async def _one(http: httpx.AsyncClient, chooser: random.Random, outcomes: Counte
     headers = {"content-type": "application/json"}
     try:
         if behaviour == "hang_up":
-            await asyncio.wait_for(_read_all(http, path, content, headers), timeout=chooser.uniform(0.05, 1.5))
+            patience = chooser.uniform(0.05, 1.5)
+            await asyncio.wait_for(_read_all(http, path, content, headers), timeout=patience)
             outcomes[f"{kind}: finished before the hang-up"] += 1
             return
         status = await _read_all(http, path, content, headers)
@@ -111,7 +112,8 @@ async def _soak(server: RunningServer, minutes: float, concurrency: int) -> dict
     rss_end = process.memory_info().rss
     served = sum(count for key, count in outcomes.items() if key.endswith(": 200"))
     return {
-        "minutes": minutes, "concurrency": concurrency, "requests": sum(outcomes.values()), "served_200": served,
+        "minutes": minutes, "concurrency": concurrency,
+        "requests": sum(outcomes.values()), "served_200": served,
         "outcomes": dict(sorted(outcomes.items())),
         "unexpected": sum(c for k, c in outcomes.items() if "unexpected" in k or "transport error" in k),
         "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
@@ -125,10 +127,12 @@ async def _soak(server: RunningServer, minutes: float, concurrency: int) -> dict
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=24)
-    parser.add_argument("--tiny", action="store_true", help="a tiny random-weight model instead of the default")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random-weight model instead of the default")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model_args: list[str] = ["--kv-cache-memory", "512MiB"]

@@ -25,11 +25,13 @@ EXAMPLES_PER_OPERATION_AND_MODE = 100
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(tiny_model_dirs: dict[str, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     directory = tmp_path_factory.mktemp("fuzz_server")
     # The per-request cap is lowered so that the largest request the schema allows stays quick here.
-    with running_server("--model", str(tiny_model_dirs["gemma3"]), "--block-size", "4", "--num-kv-blocks", "2048",
-                        "--max-model-len", "128", "--max-choices-per-request", "8", "--api-key", KEY,
+    with running_server("--model", str(tiny_model_dirs["gemma3"]), "--block-size", "4",
+                        "--num-kv-blocks", "2048", "--max-model-len", "128",
+                        "--max-choices-per-request", "8", "--api-key", KEY,
                         log_path=str(directory / "server.log")) as running:
         yield running
 

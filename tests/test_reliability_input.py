@@ -22,16 +22,19 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # The test template, plus a refusal like real templates have (Gemma's raises on roles out of order).
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' and not m['content'] %}"
                  "{{ raise_exception('a tool message needs content') }}{% endif %}"
-                 "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+                 "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 LONE = "hi \ud800"  # valid JSON (escaped), not valid Unicode text
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(tiny_model_dirs: dict[str, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     directory = tmp_path_factory.mktemp("input_server")
     (directory / "template.jinja").write_text(CHAT_TEMPLATE)
-    with running_server("--model", str(tiny_model_dirs["gemma3"]), "--block-size", "4", "--num-kv-blocks", "1024",
-                        "--chat-template", str(directory / "template.jinja"), "--max-model-len", "256",
+    with running_server("--model", str(tiny_model_dirs["gemma3"]), "--block-size", "4",
+                        "--num-kv-blocks", "1024", "--chat-template", str(directory / "template.jinja"),
+                        "--max-model-len", "256",
                         "--api-key", KEY, log_path=str(directory / "server.log")) as running:
         yield running
 
@@ -103,13 +106,14 @@ BAD_INPUT = [
     ("/v1/chat/completions", {}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, 400, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]}, 400,
-     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     400, "messages.0.content.0.text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": []}]}, 400, "chat template"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": "x"}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 10**6}, 400, "max_model_len"),
     ("/v1/chat/completions", {"messages": MESSAGES, "n": 17}, 400, "n"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "nope"}, 404, "nope"),
@@ -169,22 +173,28 @@ def test_errors_outside_the_routes_are_error_objects_too(server: RunningServer) 
     chunked = httpx.post(f"{server.base_url}/v1/completions", content=six_megabytes,
                          headers={**AUTH, "content-type": "application/json"})
     _assert_error(chunked, 413, "limit")
-    declared = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-                    + b"\r\nContent-Type: application/json\r\nContent-Length: 99999999\r\n\r\n")
+    declared = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                    + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 99999999\r\n\r\n")
     assert b" 413 " in declared.split(b"\r\n")[0] and body_of(declared)["error"]["code"] == 413
     assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/tokenize", "/detokenize", "/metrics", "/docs", "/redoc",
-                                  "/openapi.json", "/v1/completions", "/v1/chat/completions", "/no/such/path"])
+POSTED = ["/tokenize", "/detokenize", "/v1/completions", "/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json",
+                                  "/no/such/path", *POSTED])
 def test_every_route_but_health_needs_the_bearer_key(server: RunningServer, path: str) -> None:
-    for headers in ({}, {"Authorization": KEY}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + KEY}):
-        response = httpx.request("POST" if path in ("/tokenize", "/detokenize") or "completions" in path else "GET",
-                                 f"{server.base_url}{path}", headers=headers, json={})
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": "Bearer wrong"},
+                    {"Authorization": "Basic " + KEY}):
+        method = "POST" if path in POSTED else "GET"
+        response = httpx.request(method, f"{server.base_url}{path}", headers=headers, json={})
         _assert_error(response, 401, "API key")
         assert response.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server.base_url}/health").status_code == 200
-    assert httpx.get(f"{server.base_url}/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+    lower_case_scheme = {"Authorization": f"bearer {KEY}"}
+    assert httpx.get(f"{server.base_url}/v1/models", headers=lower_case_scheme).status_code == 200
 
 
 def test_every_response_carries_a_request_id(server: RunningServer) -> None:

@@ -31,7 +31,8 @@ def _serve(model_dir: Path, directory: Path, *extra: str, **kwargs: Any):  # typ
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(tiny_model_dirs: dict[str, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with _serve(tiny_model_dirs["gemma3"], tmp_path_factory.mktemp("load_server")) as running:
         yield running
 
@@ -45,18 +46,19 @@ def _request(path: str, body: dict[str, Any]) -> bytes:
 LONG = {"max_tokens": 480, "ignore_eos": True}  # seconds of work on the tiny model: far past the checks
 # Each kind of request, and where in its life the client hangs up.
 HANGUPS: dict[str, tuple[bytes, str]] = {
-    "before the request head is complete": (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConte", "sent"),
+    "before the request head is complete": (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", "sent"),
     "after the head, mid-body": (_request("/v1/completions", {"prompt": [1, 5], **LONG})[:-10], "sent"),
     "non-streamed completion": (_request("/v1/completions", {"prompt": [1, 5], **LONG}), "running"),
     "non-streamed, n=3 over a list of prompts": (
         _request("/v1/completions", {"prompt": [[1, 5], [1, 6]], "n": 3, **LONG}), "running"),
     "non-streamed chat without max_tokens": (
-        _request("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}),
-        "running"),
+        _request("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                          "ignore_eos": True}), "running"),
     "non-streamed chat, n=2": (_request("/v1/chat/completions", {
         "messages": [{"role": "user", "content": "hi"}], "n": 2, **LONG}), "running"),
     "mid-stream completion, n=2 over a list of prompts": (
-        _request("/v1/completions", {"prompt": [[1, 7], [1, 8]], "n": 2, "stream": True, **LONG}), "streaming"),
+        _request("/v1/completions", {"prompt": [[1, 7], [1, 8]], "n": 2, "stream": True, **LONG}),
+        "streaming"),
     "mid-stream chat": (_request("/v1/chat/completions", {
         "messages": [{"role": "user", "content": "hi"}], "stream": True, **LONG}), "streaming"),
 }
@@ -120,10 +122,12 @@ def test_a_burst_beyond_the_queue_limit_gets_429_and_the_limit_holds(
     queue_len = 8
     with _serve(tiny_model_dirs["qwen2"], tmp_path, "--max-queue-len", str(queue_len)) as limited:
         async def one(http: httpx.AsyncClient, i: int) -> int:
-            body = {"prompt": [[1, 20 + i % 90]] * (1 + i % 2), "n": 1 + i % 3, "max_tokens": 24, "ignore_eos": True}
+            body = {"prompt": [[1, 20 + i % 90]] * (1 + i % 2), "n": 1 + i % 3, "max_tokens": 24,
+                    "ignore_eos": True}
             response = await http.post("/v1/completions", json=body)
             if response.status_code == 200:
-                assert [c["index"] for c in response.json()["choices"]] == list(range(len(body["prompt"]) * body["n"]))
+                indices = [choice["index"] for choice in response.json()["choices"]]
+                assert indices == list(range(len(body["prompt"]) * body["n"]))
             else:
                 assert response.status_code == 429 and response.headers["retry-after"] == "1", response.text
             return response.status_code
@@ -133,7 +137,8 @@ def test_a_burst_beyond_the_queue_limit_gets_429_and_the_limit_holds(
             async with httpx.AsyncClient(base_url=limited.base_url, timeout=30) as http:
                 while not stop.is_set():
                     text = (await http.get("/metrics")).text
-                    line = next(x for x in text.splitlines() if x.startswith("conveyor:num_requests_waiting{"))
+                    gauge = "conveyor:num_requests_waiting{"
+                    line = next(x for x in text.splitlines() if x.startswith(gauge))
                     most = max(most, float(line.rsplit(" ", 1)[1]))
                     await asyncio.sleep(0.005)
             return most
@@ -154,7 +159,8 @@ def test_a_burst_beyond_the_queue_limit_gets_429_and_the_limit_holds(
         too_many = httpx.post(f"{limited.base_url}/v1/completions", json={"prompt": ["x", "y"], "n": 16,
                                                                          "max_tokens": 2})
         assert too_many.status_code == 400 and "never be admitted" in too_many.json()["error"]["message"]
-        assert httpx.post(f"{limited.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+        small = httpx.post(f"{limited.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert small.status_code == 200
 
 
 def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(
@@ -186,8 +192,8 @@ def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(
         assert time.monotonic() - started < 4, "slow-header connections were held open"
 
         with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as stalled:
-            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                            b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
             waited = time.monotonic()
             answer = stalled.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408") and b'"code": 408' in answer

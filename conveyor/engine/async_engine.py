@@ -76,8 +76,9 @@ class AsyncLLM:
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its output stream. Invalid requests raise ValueError here, before
-        anything streams; any other exception the engine raised while adding it is re-raised as is. Closing the stream early (cancelled, disconnected) aborts the request; a stream
-        that is never iterated must be aborted by the caller."""
+        anything streams; any other exception the engine raised while adding it is re-raised as is.
+        Closing the stream early (cancelled, disconnected) aborts the request; a stream that is never
+        iterated must be aborted by the caller."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._send("add", (request_id, prompt, params, stream, added))
@@ -140,7 +141,8 @@ class AsyncLLM:
                 try:
                     outputs = self.engine.step()
                 except Exception as error:
-                    logger.exception("an engine step failed; failing the %d requests in flight", len(self._streams))
+                    logger.exception("an engine step failed; failing the %d requests in flight",
+                                     len(self._streams))
                     self._fail_in_flight(StepFailedError(f"the engine step failed: {error!r}"))
                     continue
                 for output in outputs:

@@ -95,7 +95,8 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         # Starlette's own: unknown paths, wrong methods, bodies that are not JSON (or not UTF-8, or too deep)
         error_type = _HTTP_ERROR_TYPES.get(error.status_code, "invalid_request_error")
-        return _error_response(APIError(error.status_code, str(error.detail), error_type, headers=error.headers))
+        return _error_response(APIError(error.status_code, str(error.detail), error_type,
+                                        headers=error.headers))
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(_: Request, error: EngineDeadError) -> JSONResponse:
@@ -105,7 +106,8 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
     async def _internal_error(request: Request, error: Exception) -> JSONResponse:
         request_id = request.scope.get(REQUEST_ID_KEY, "unknown")
         logger.error("request %s failed: %r", request_id, error)
-        return _error_response(APIError(500, f"internal error (request id {request_id})", "internal_server_error"))
+        return _error_response(APIError(500, f"internal error (request id {request_id})",
+                                        "internal_server_error"))
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_name:
@@ -148,8 +150,11 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
             raise APIError(429, f"the server is busy: {error}", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         group = RequestGroup(llm, release)
-        children = [(prompt, dataclasses.replace(params, seed=None if params.seed is None else params.seed + sample),
-                     f"{request_id}-{p_index}-{sample}") for p_index, prompt in enumerate(prompts) for sample in range(n)]
+        def child(sample: int) -> SamplingParams:
+            return dataclasses.replace(params, seed=None if params.seed is None else params.seed + sample)
+
+        children = [(prompt, child(sample), f"{request_id}-{p_index}-{sample}")
+                    for p_index, prompt in enumerate(prompts) for sample in range(n)]
         try:
             await group.add(children)
         except ValueError as error:
@@ -188,7 +193,7 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -
         prompts = _normalize_prompts(body.prompt, engine.model_config.vocab_size)
         params = sampling_params(body, body.max_tokens, body.logprobs)
         request_id = new_id("cmpl")
-        prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else []
+        prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
         group = await start_group(prompts, params, body.n, request_id)
         base = {"id": request_id, "object": "text_completion", "created": now(), "model": settings.model_name}
 
@@ -345,7 +350,8 @@ def _normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]],
         raise APIError(400, "the prompt is empty", param="prompt")
     bad = [t for p in prompts if not isinstance(p, str) for t in p if not 0 <= t < vocab_size]
     if bad:  # checked here too, before anything (echo's decoding) touches them
-        raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}", param="prompt")
+        raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}",
+                       param="prompt")
     return prompts
 
 

@@ -83,8 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve /metrics without the API key (for a scraper)")
     serve.add_argument("--max-queue-len", type=int, default=None,
-                       help="answer 429 (with Retry-After) to a request whose sequences (prompts x n) would take "
-                            "the sequences in flight beyond --max-num-seqs plus this many (default: no limit)")
+                       help="answer 429 (with Retry-After) to a request whose sequences (prompts x n) would "
+                            "take those in flight beyond --max-num-seqs plus this many (default: no limit)")
     serve.add_argument("--max-choices-per-request", type=int, default=64,
                        help="cap on prompts x n in one request; more gets 400 (default %(default)s)")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,

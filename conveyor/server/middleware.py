@@ -55,12 +55,13 @@ class RequestGuard:
         try:
             body = await asyncio.wait_for(_read_body(scope, receive, limit), self.settings.body_timeout)
         except _BodyTooLarge:
-            await _send_error(send, 413, f"the request body exceeds the limit of {limit} bytes", "request_too_large",
-                              _CLOSE)
+            await _send_error(send, 413, f"the request body exceeds the limit of {limit} bytes",
+                              "request_too_large", _CLOSE)
             return
         except asyncio.TimeoutError:
-            await _send_error(send, 408, f"the request body took longer than {self.settings.body_timeout:g} s "
-                                        "to arrive", "timeout_error", _CLOSE)
+            seconds = self.settings.body_timeout
+            await _send_error(send, 408, f"the request body took longer than {seconds:g} s to arrive",
+                              "timeout_error", _CLOSE)
             return
         except _ClientGone:
             return  # nobody to answer

@@ -29,7 +29,10 @@ def invalid_unicode_path(value: Any) -> str | None:
             if _SURROGATE.search(item):
                 return _escaped(path)
             continue
-        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        if isinstance(item, dict):
+            children: Any = item.items()
+        else:
+            children = enumerate(item) if isinstance(item, list) else ()
         for key, child in children:
             child_path = f"{path}.{key}" if path else str(key)
             if isinstance(key, str) and _SURROGATE.search(key):
