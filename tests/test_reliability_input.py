@@ -213,3 +213,11 @@ def test_the_openapi_document_lists_the_real_statuses_and_the_error_schema(serve
                    for operation in path.values())
     assert set(document["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param",
                                                                                     "code"}
+
+
+def test_public_metrics_opens_metrics_and_nothing_else(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with running_server("--model", str(tiny_model_dirs["llama"]), "--num-kv-blocks", "256", "--api-key", KEY,
+                        "--public-metrics", log_path=str(tmp_path / "server.log")) as scraped:
+        assert "conveyor:num_requests_running" in httpx.get(f"{scraped.base_url}/metrics").text
+        _assert_error(httpx.get(f"{scraped.base_url}/v1/models"), 401, "API key")
+        _assert_error(httpx.get(f"{scraped.base_url}/openapi.json"), 401, "API key")
