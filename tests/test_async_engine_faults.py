@@ -18,9 +18,16 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture
-def llm(tiny_model_dirs: dict[str, Path]) -> Iterator[AsyncLLM]:
+def queue_seen() -> list[tuple[int, int]]:
+    """(running, KV blocks used) as the loop reports them to its queue observer after adds and aborts."""
+    return []
+
+
+@pytest.fixture
+def llm(tiny_model_dirs: dict[str, Path], queue_seen: list[tuple[int, int]]) -> Iterator[AsyncLLM]:
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["llama"]), block_size=4, num_kv_blocks=256))
-    running = AsyncLLM(engine)
+    running = AsyncLLM(engine, queue_observer=lambda e: queue_seen.append(
+        (e.scheduler.num_running, e.scheduler.kv_cache.num_used_blocks)))
     yield running
     running.shutdown()
 
@@ -58,7 +65,7 @@ def test_an_add_that_raises_fails_that_request_alone(llm: AsyncLLM, monkeypatch:
 
 
 def test_a_step_that_raises_fails_the_requests_in_flight_and_the_loop_goes_on(
-        llm: AsyncLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+        llm: AsyncLLM, queue_seen: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch) -> None:
     engine = llm.engine
     original = engine.step
     failures = iter([True])
@@ -75,8 +82,9 @@ def test_a_step_that_raises_fails_the_requests_in_flight_and_the_loop_goes_on(
                                          return_exceptions=True)
         return in_flight, await _tokens(llm, [1, 5, 6], "later")
 
-    in_flight, later = asyncio.run(main())
+    in_flight, later = asyncio.run(asyncio.wait_for(main(), timeout=60))
     assert all(isinstance(result, StepFailedError) for result in in_flight)
+    assert (0, 0) in queue_seen  # the gauges were told at once that the failed requests are gone
     assert len(later) == 8 and llm.is_alive
     assert engine.scheduler.kv_cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
 

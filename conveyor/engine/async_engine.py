@@ -131,8 +131,8 @@ class AsyncLLM:
         last_log = time.monotonic()
         try:
             while not self._stopping:
-                if self._drain_commands() and self.queue_observer is not None:
-                    self._observe(self.queue_observer, self.engine)
+                if self._drain_commands():
+                    self._observe_queue()
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
@@ -144,6 +144,7 @@ class AsyncLLM:
                     logger.exception("an engine step failed; failing the %d requests in flight",
                                      len(self._streams))
                     self._fail_in_flight(StepFailedError(f"the engine step failed: {error!r}"))
+                    self._observe_queue()
                     continue
                 for output in outputs:
                     self._deliver(output)
@@ -159,6 +160,10 @@ class AsyncLLM:
             for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
             self._fail_queued_adds(dead)
+
+    def _observe_queue(self) -> None:
+        if self.queue_observer is not None:
+            self._observe(self.queue_observer, self.engine)
 
     @staticmethod
     def _observe(observer: Callable[..., None], *args: Any) -> None:
