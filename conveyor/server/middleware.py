@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from conveyor.server.protocol import error_body, new_id
 
 REQUEST_ID_KEY = "conveyor.request_id"  # where the app finds the request id in the ASGI scope
-_CLOSE = {"connection": "close"}  # after a refused body: drop the connection rather than read the rest
+_CLOSE = {"connection": "close"}  # a refused request's body is not read: drop the connection, not drain it
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RequestGuard:
         send = _with_request_id(send, request_id)
         if not self._authorized(scope):
             await _send_error(send, 401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                             "authentication_error", {"www-authenticate": "Bearer"})
+                              "authentication_error", {"www-authenticate": "Bearer", **_CLOSE})
             return
         limit = self.settings.max_body_bytes
         try:
