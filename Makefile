@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run serve test lint bench
+.PHONY: setup run serve test lint bench soak
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/conveyor bench throughput
+
+# Mixed traffic with random disconnects for SOAK_MINUTES against the default model (docs/reliability.md).
+SOAK_MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --minutes $(SOAK_MINUTES)
