@@ -87,7 +87,7 @@ BAD_INPUT = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
-    ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "Overflow"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed must be a 64-bit integer"),
     ("/v1/completions", {"prompt": "x", "seed": "s"}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
