@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.stats import QueueStats, StepStats
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[StepStats, list[RequestOutput]], None]
 QueueObserver = Callable[[QueueStats], None]
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -106,6 +107,12 @@ class AsyncLLM:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Run `function(engine)` in the engine thread between two steps and return its result."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (function, done))
+        return await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is (a no-op once it finished, or once the loop is gone)."""
@@ -185,6 +192,12 @@ class AsyncLLM:
             elif command == "abort":
                 self.engine.abort_request(payload)  # frees its KV blocks now
                 self._streams.pop(payload, None)  # its consumer is gone
+            elif command == "call":
+                function, done = payload
+                try:
+                    done.set_result(function(self.engine))
+                except Exception as error:
+                    done.set_exception(error)
 
     def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: _Stream,
              added: concurrent.futures.Future[None]) -> None:
@@ -213,7 +226,7 @@ class AsyncLLM:
                 command, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command == "add":
+            if command in ("add", "call"):  # their callers wait on a future: tell them
                 payload[-1].set_exception(error)
 
     def _deliver(self, output: RequestOutput) -> None:
