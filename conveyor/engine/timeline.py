@@ -15,16 +15,19 @@ from conveyor.engine.stats import StepStats
 
 @dataclass(frozen=True)
 class CellKind:
+    name: str
     code: int
     label: str
     color: str
 
 
-EMPTY = CellKind(0, "not in the step", "#ffffff")
-PREFILL = CellKind(1, "prefill chunk", "#f28e2b")
-DECODE = CellKind(2, "decode", "#4e79a7")
-IDLE = CellKind(3, "idle slot (padding)", "#d3d3d3")  # static batching only: a finished request's slot
-PREEMPTED = CellKind(4, "preempted", "#e15759")  # evicted in this step; it rejoins with a recompute
+EMPTY = CellKind("empty", 0, "not in the step", "#ffffff")
+PREFILL = CellKind("prefill", 1, "prefill chunk", "#f28e2b")
+DECODE = CellKind("decode", 2, "decode", "#4e79a7")
+# Static batching only: the slot of a finished request kept in the batch until its longest is done.
+IDLE = CellKind("idle", 3, "idle slot (padding)", "#d3d3d3")
+# Evicted in this step for want of blocks; it rejoins later with a recompute (a prefill).
+PREEMPTED = CellKind("preempted", 4, "preempted", "#e15759")
 CELL_KINDS = (EMPTY, PREFILL, DECODE, IDLE, PREEMPTED)  # in code order
 
 

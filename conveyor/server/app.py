@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from conveyor.engine.async_engine import AsyncLLM
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
+from conveyor.server.dashboard import dashboard_router
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
     ChatCompletionRequest,
@@ -30,6 +31,7 @@ from conveyor.server.protocol import (
     now,
 )
 from conveyor.server.responses import chat_logprobs, completion_logprobs
+from conveyor.server.step_stream import StepStream
 
 
 @dataclass
@@ -52,9 +54,13 @@ def _error_response(error: APIError) -> JSONResponse:
                         status_code=error.status, headers=error.headers)
 
 
-def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
+              step_stream: StepStream | None = None) -> FastAPI:
+    """`step_stream` (fed by the engine loop's observer) adds the dashboard and its step stream."""
     app = FastAPI(title="conveyor", version="0.1.0")
     engine = llm.engine
+    if step_stream is not None:
+        app.include_router(dashboard_router(engine, settings.model_name, step_stream, bool(settings.api_key)))
     tokenizer = engine.tokenizer
 
     @app.exception_handler(APIError)
