@@ -25,14 +25,13 @@ _MODEL_FIELDS = ("architecture", "num_layers", "hidden_size", "intermediate_size
                  "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
 
 
-def dashboard_router(engine: LLMEngine, model_name: str, steps: StepStream, requires_key: bool,
-                     timeline_steps: int = 200) -> APIRouter:
+def dashboard_router(engine: LLMEngine, model_name: str, steps: StepStream, requires_key: bool) -> APIRouter:
     router = APIRouter()
     static = resources.files("conveyor.server") / "static"
     # The page learns whether to ask for the key up front, rather than from a refused request.
     page = (static / "dashboard.html").read_text().replace("{requires_key}", str(requires_key).lower())
     assets = {name: (static / name).read_text() for name in _ASSET_TYPES}
-    description = engine_description(engine, model_name, timeline_steps)
+    description = engine_description(engine, model_name, timeline_steps=steps.backlog)
 
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard() -> HTMLResponse:

@@ -37,7 +37,9 @@ class StepEvent:
 
 
 class StepStream:
-    def __init__(self, capacity: int = 1000, flush_interval: float = 0.1, linger: float = 30.0) -> None:
+    def __init__(self, capacity: int = 1000, backlog: int = 200, flush_interval: float = 0.1,
+                 linger: float = 30.0) -> None:
+        self.backlog = backlog  # what a new viewer (no Last-Event-ID) gets first: the dashboard's window
         self.flush_interval = flush_interval
         self.linger = linger
         self._ring: deque[StepEvent] = deque(maxlen=capacity)
@@ -76,8 +78,13 @@ class StepStream:
                 self._recording_until = time.monotonic() + self.linger
 
     async def stream(self, last_id: int | None) -> AsyncIterator[str]:
-        """One viewer's server-sent events, from the step after `last_id`, until the client goes away."""
+        """One viewer's server-sent events, from the step after `last_id` (or the last `backlog` steps), until
+        the client goes away."""
         with self.viewer():
+            if last_id is None:
+                recorded = self.events_after(None)
+                if len(recorded) > self.backlog:
+                    last_id = recorded[-self.backlog - 1].step_index
             quiet_since = time.monotonic()
             while True:
                 events = self.events_after(last_id)
