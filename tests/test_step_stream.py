@@ -51,6 +51,21 @@ def test_a_viewer_behind_the_ring_loses_the_oldest_steps_and_resumes_after_its_i
     assert _ids(stream.events_after(11)) == []
 
 
+def test_an_id_from_before_a_restart_starts_over() -> None:
+    stream = StepStream(flush_interval=0.01)
+
+    async def first_chunk() -> str:
+        events = stream.stream(last_id=5000)  # the previous server run had reached step 5000
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.05)
+        stream.observe(_step(0), [])
+        chunk = await asyncio.wait_for(pending, timeout=2)
+        await events.aclose()
+        return chunk
+
+    assert asyncio.run(first_chunk()).startswith("id: 0\n")
+
+
 def test_an_event_is_the_step_and_its_requests() -> None:
     stream = StepStream()
     with stream.viewer():
@@ -76,7 +91,7 @@ def test_a_viewer_gets_the_steps_since_it_connected_in_one_write_and_leaves_no_c
         await asyncio.sleep(0.05)  # now the viewer is registered and polling
         stream.observe(_step(1), [])
         stream.observe(_step(2), [])
-        chunk = await first
+        chunk = await asyncio.wait_for(first, timeout=2)
         await events.aclose()
         return chunk
 

@@ -45,12 +45,14 @@ class StepStream:
         self._ring: deque[StepEvent] = deque(maxlen=capacity)
         self._lock = threading.Lock()
         self._num_viewers = 0
+        self._newest_step = -1
         self._recording_until = 0.0  # monotonic; while viewers are connected it does not matter
 
     # ---- the engine thread --------------------------------------------------------------------
 
     def observe(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """The engine's step observer: cheap, never blocks beyond an append."""
+        self._newest_step = stats.step_index
         if self._num_viewers == 0 and time.monotonic() > self._recording_until:
             return
         text = f"id: {stats.step_index}\ndata: {json.dumps(step_payload(stats, outputs))}\n\n"
@@ -81,6 +83,8 @@ class StepStream:
         """One viewer's server-sent events, from the step after `last_id` (or the last `backlog` steps), until
         the client goes away."""
         with self.viewer():
+            if last_id is not None and last_id > self._newest_step:
+                last_id = None  # an id from before this server started: it counts steps from 0 again
             if last_id is None:
                 recorded = self.events_after(None)
                 if len(recorded) > self.backlog:

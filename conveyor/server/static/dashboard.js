@@ -103,7 +103,7 @@ async function readEvents(body, onEvent) {
 }
 
 function onStep(step) {
-  if (state.lastId !== null && step.step <= state.lastId) return;  // already shown before a reconnect
+  if (state.lastId !== null && step.step <= state.lastId) forgetSteps();  // a restarted server counts from 0
   state.lastId = step.step;
   state.steps.push(step);
   if (state.steps.length > state.config.timeline.steps) state.steps.shift();
@@ -117,6 +117,18 @@ function onStep(step) {
   }
   state.finished.length = Math.min(state.finished.length, FINISHED_KEPT);
   state.dirty = true;
+}
+
+function forgetSteps() {
+  state.steps = [];
+  state.requests.clear();
+  state.finished = [];
+}
+
+// Requests that left the window without a finishing update (aborted before their first token, say).
+function forgetRequestsOutsideWindow() {
+  const inWindow = new Set(state.steps.flatMap((step) => step.cells.map(([id]) => id)));
+  for (const id of state.requests.keys()) if (!inWindow.has(id)) state.requests.delete(id);
 }
 
 // ---- drawing ------------------------------------------------------------------------------------
@@ -160,6 +172,7 @@ function render() {
     { label: "prefilling", color: "#f28e2b", value: (s) => countCells(s, "prefill") },
     { label: "decoding", color: "#4e79a7", value: (s) => countCells(s, "decode") },
   ], { stacked: true, limit: engine.max_num_seqs });
+  forgetRequestsOutsideWindow();
   showRunning(latest);
   showFinished();
 }
@@ -282,9 +295,6 @@ function showRunning(latest) {
         seconds(update?.first_token ? update.first_token - update.arrival : null), update?.preemptions ?? 0],
     };
   }));
-  // Forget requests that left the window without a finishing update (aborted before their first token).
-  const inWindow = new Set(state.steps.flatMap((step) => step.cells.map(([id]) => id)));
-  for (const id of state.requests.keys()) if (!inWindow.has(id)) state.requests.delete(id);
 }
 
 function showFinished() {
