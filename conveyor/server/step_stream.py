@@ -63,10 +63,14 @@ class StepStream:
 
     def events_after(self, last_id: int | None) -> list[StepEvent]:
         """The recorded events newer than `last_id` (all of them for None), oldest first."""
-        with self._lock:
-            if last_id is None or not self._ring or self._ring[0].step_index > last_id:
-                return list(self._ring)
-            return [event for event in self._ring if event.step_index > last_id]
+        newer = []
+        with self._lock:  # from the newest back: the lock is held for the few new events only
+            for event in reversed(self._ring):
+                if last_id is not None and event.step_index <= last_id:
+                    break
+                newer.append(event)
+        newer.reverse()
+        return newer
 
     @contextmanager
     def viewer(self) -> Iterator[None]:
