@@ -73,9 +73,10 @@ def test_serve_and_sweep_against_a_real_server(tiny_model_dirs: dict[str, Path],
                         log_path=str(tmp_path / "server.log")) as server:
         output = tmp_path / "serve.json"
         assert main(["bench", "serve", "--base-url", server.base_url, *TINY_WORKLOAD, "--request-rate", "20",
-                     "--burstiness", "0.5", "--output", str(output)]) == 0
+                     "--burstiness", "0.5", "--dashboard-viewers", "2", "--output", str(output)]) == 0
         summary = json.loads(output.read_text())
         assert summary["completed"] == 6 and summary["failed"] == 0
+        assert len(summary["dashboard_viewer_bytes"]) == 2 and min(summary["dashboard_viewer_bytes"]) > 0
         for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
             assert set(summary[metric]) == {"mean", "p50", "p90", "p99"} and summary[metric]["p99"] > 0
         assert summary["output_throughput"] > 0 and summary["goodput"] >= 0
