@@ -57,7 +57,7 @@ def _load(server: RunningServer, num_requests: int, max_tokens: int) -> list[str
     return asyncio.run(main())
 
 
-def _read_steps(server: RunningServer, last_id: int | None = None, quiet: float = 3.0
+def _read_steps(server: RunningServer, last_id: int | None = None, quiet: float = 5.0
                 ) -> list[tuple[int, dict[str, Any]]]:
     """(event id, payload) of each step event, until the stream has been quiet for `quiet` seconds."""
     headers = dict(AUTH) if last_id is None else {**AUTH, "Last-Event-ID": str(last_id)}
