@@ -218,7 +218,8 @@ function drawTimeline(canvas, steps, timeline) {
   legend("timeline-legend", timeline.kinds.map((kind) => ({ label: kind.label, color: kind.color })));
 }
 
-// One bar per step, aligned with the timeline's columns; `limit` is drawn as a dashed line.
+// One column per step, aligned with the timeline's: stacked bars, or one line per series; `limit` is a
+// dashed line.
 function drawChart(canvasId, series, { stacked = false, limit = null }) {
   const { ctx, width, height } = context2d(byId(canvasId));
   const steps = state.steps;
@@ -228,20 +229,35 @@ function drawChart(canvasId, series, { stacked = false, limit = null }) {
                                           : Math.max(...series.map((line) => line.value(s))));
   const top = Math.max(limit ?? 0, ...totals, 1e-9) * 1.1;
   const y = (value) => height - 12 - (height - 16) * value / top;
-  steps.forEach((step, column) => {
-    let base = 0;
-    for (const line of series) {
-      const value = line.value(step);
-      ctx.fillStyle = line.color;
-      if (stacked) ctx.fillRect(left + column * columnWidth, y(base + value), columnWidth, y(base) - y(base + value));
-      else ctx.fillRect(left + column * columnWidth, y(value) - 1, columnWidth, 2);
-      if (stacked) base += value;
+  if (stacked) {
+    steps.forEach((step, column) => {
+      let base = 0;
+      for (const line of series) {
+        const value = line.value(step);
+        ctx.fillStyle = line.color;
+        ctx.fillRect(left + column * columnWidth, y(base + value), columnWidth, y(base) - y(base + value));
+        base += value;
+      }
+    });
+  } else {
+    ctx.lineWidth = 1.5;
+    for (const line of series) {  // a step line through the middle of each step's column
+      ctx.strokeStyle = line.color;
+      ctx.beginPath();
+      steps.forEach((step, column) => {
+        const x = left + column * columnWidth, level = y(line.value(step));
+        if (column === 0) ctx.moveTo(x, level);
+        else ctx.lineTo(x, level);
+        ctx.lineTo(x + columnWidth, level);
+      });
+      ctx.stroke();
     }
-  });
+  }
   ctx.fillStyle = "#666";
   ctx.fillText(formatNumber(top / 1.1), 2, 10);
   if (limit !== null) {
     ctx.strokeStyle = "#222";
+    ctx.lineWidth = 1;
     ctx.setLineDash([4, 3]);
     ctx.beginPath();
     ctx.moveTo(0, y(limit));
