@@ -19,6 +19,7 @@ from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.server.admission import Admission
 from conveyor.server.chat import ChatServing, chat_prompt_ids
 from conveyor.server.completions import CompletionServing
+from conveyor.server.dashboard import dashboard_router
 from conveyor.server.errors import APIError
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.middleware import REQUEST_ID_KEY, RequestGuard
@@ -31,6 +32,7 @@ from conveyor.server.protocol import (
     now,
 )
 from conveyor.server.serving import ServerSettings
+from conveyor.server.step_stream import StepStream
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +42,15 @@ _GENERATION_ERRORS = (400, 401, 404, 408, 413, 429, 500, 503)
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
-def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
+              step_stream: StepStream | None = None) -> FastAPI:
+    """`step_stream` (fed by the engine loop's observer) adds the dashboard and its step stream."""
     app = FastAPI(title="conveyor", version="0.1.0")
     app.add_middleware(RequestGuard, settings=settings.guard)
     install_openapi(app)
     engine = llm.engine
+    if step_stream is not None:
+        app.include_router(dashboard_router(engine, settings.model_name, step_stream, bool(settings.guard.api_key)))
     tokenizer = engine.tokenizer
     seats = engine.config.max_num_seqs
     admission = Admission(None if settings.max_queue_len is None else seats + settings.max_queue_len)

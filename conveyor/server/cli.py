@@ -15,10 +15,16 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from conveyor.config import EngineConfig
+
+if TYPE_CHECKING:
+    from conveyor.engine.async_engine import StepObserver
+    from conveyor.engine.stats import StepStats
+    from conveyor.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +36,20 @@ def _serve(args: argparse.Namespace) -> int:
     from conveyor.server.connection import protocol_with_header_timeout
     from conveyor.server.metrics import ServerMetrics
     from conveyor.server.middleware import GuardSettings
+    from conveyor.server.step_stream import StepStream
 
     engine = LLMEngine(EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace))
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
-    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step, start_thread=False,
+    step_stream = None if args.no_dashboard else StepStream()
+    observers = [metrics.observe_step] + ([step_stream.observe] if step_stream else [])
+    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=_each(observers), start_thread=False,
                    queue_observer=metrics.observe_queue)
     guard = GuardSettings(api_key=args.api_key, public_metrics=args.public_metrics,
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     settings = ServerSettings(model_name=model_name, guard=guard, max_queue_len=args.max_queue_len,
                               max_choices_per_request=args.max_choices_per_request)
-    app = build_app(llm, settings, metrics)
+    app = build_app(llm, settings, metrics, step_stream)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=args.graceful_timeout,
@@ -70,6 +79,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if server.started and llm.error is None else 1
 
 
+def _each(observers: list[StepObserver]) -> StepObserver:
+    """One step observer that calls several, in order (AsyncLLM takes one)."""
+    def observe(stats: StepStats, outputs: list[RequestOutput]) -> None:
+        for observer in observers:
+            observer(stats, outputs)
+    return observe
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
@@ -93,6 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--graceful-timeout", type=int, default=30,
                        help="seconds in-flight requests get to finish after SIGTERM")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
+    serve.add_argument("--no-dashboard", action="store_true",
+                       help="serve neither /dashboard nor its step stream /v1/engine/steps")
     serve.add_argument("--step-trace", action="store_true", help="record the step trace (memory grows with load)")
     EngineConfig.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
