@@ -36,7 +36,8 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 def _metric(server: RunningServer, name: str) -> float:
-    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
+    headers = {"Authorization": f"Bearer {API_KEY}"}  # /metrics needs the key like every route but /health
+    for line in httpx.get(f"{server.base_url}/metrics", headers=headers).text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} is not in /metrics")

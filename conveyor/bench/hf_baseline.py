@@ -76,9 +76,15 @@ def run_hf_continuous(model, requests: list[BenchRequest]) -> ThroughputResult: 
     """transformers' own continuous batching (`init_continuous_batching`), each request with its own
     max_new_tokens and no EOS, all submitted at once."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=max(r.output_len for r in requests), do_sample=False)
-    manager = model.init_continuous_batching(generation_config=config)
+    # NOTE: left to itself its KV cache takes most of the free memory (meant for a GPU of its own); here it
+    # gets what the whole workload can hold, as conveyor's pool does.
+    page_size = 256
+    total_tokens = sum(len(r.prompt_token_ids) + r.output_len for r in requests)
+    cache = ContinuousBatchingConfig(page_size=page_size, num_blocks=-(-total_tokens // page_size) + len(requests))
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
     manager.start()
     started = time.perf_counter()
     output_tokens = 0
