@@ -244,3 +244,39 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_zero(
 
         assert asyncio.run(main()) == 150
         assert server.process.wait(timeout=30) == 0
+
+
+def test_repeated_prefixes_report_cached_tokens_and_reset_forgets_them(
+        server: RunningServer, client: openai.OpenAI, model: str) -> None:
+    system = {"role": "system", "content": "you are a careful assistant " * 3}
+    args = dict(model=model, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(messages=[system, {"role": "user", "content": "one"}], **args)
+    again = client.chat.completions.create(messages=[system, {"role": "user", "content": "two"}], **args)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 4 == 0  # whole blocks of 4 tokens
+    chunks = list(client.chat.completions.create(messages=[system, {"role": "user", "content": "three"}],
+                                                 stream=True, stream_options={"include_usage": True}, **args))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= cached  # the final streamed usage
+    hits = _metric(server, "conveyor:prefix_cache_hits_total")
+    assert hits >= 2 * cached and _metric(server, "conveyor:prefix_cache_queries_total") > hits
+    reset = httpx.post(f"{server.base_url}/reset_prefix_cache")
+    assert reset.status_code == 200 and reset.json()["num_blocks_forgotten"] > 0
+    after = client.chat.completions.create(messages=[system, {"role": "user", "content": "four"}], **args)
+    assert after.usage.prompt_tokens_details.cached_tokens == 0
+    completion = client.completions.create(model=model, prompt=PROMPT_IDS * 4, max_tokens=2, n=2, temperature=0.0)
+    # n = 2: the second sample waits one step and takes the first's full prompt blocks from the cache.
+    assert completion.usage.prompt_tokens == len(PROMPT_IDS) * 4
+
+
+def test_chat_benchmark_w3_against_the_server(server: RunningServer, tmp_path: Path) -> None:
+    from conveyor.cli import main
+
+    output = tmp_path / "chat.json"
+    code = main(["bench", "chat", "--base-url", server.base_url, "--num-conversations", "3", "--system-words", "6",
+                 "--user-words", "2", "4", "--answer-tokens", "3", "6", "--min-turns", "2", "--max-turns", "2",
+                 "--conversation-rate", "5", "--think-time", "0.05", "--output", str(output)])
+    report = json.loads(output.read_text())
+    assert code == 0 and report["failed"] == 0 and report["num_conversations"] == 3
+    assert set(report["ttft_by_turn_s"]) == {"1", "2"}
+    assert report["later_turns_cached_ratio"] > 0.3  # each turn re-sends the conversation so far

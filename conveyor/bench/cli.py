@@ -194,6 +194,7 @@ def _chat(args: argparse.Namespace) -> int:
     conversations = w3_conversations(
         seed=args.seed, num_conversations=args.num_conversations, num_system_prompts=args.num_system_prompts,
         system_words=args.system_words, min_turns=args.min_turns, max_turns=args.max_turns,
+        user_words=tuple(args.user_words), answer_tokens=tuple(args.answer_tokens),
         conversation_rate=args.conversation_rate, mean_think_time=args.think_time)
     settings = ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, seed=args.seed,
                              slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key)
@@ -259,6 +260,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     chat.add_argument("--num-conversations", type=int, default=16)
     chat.add_argument("--num-system-prompts", type=int, default=3)
     chat.add_argument("--system-words", type=int, default=400, help="words in each shared system prompt")
+    chat.add_argument("--user-words", nargs=2, type=int, default=[30, 80], metavar=("MIN", "MAX"),
+                      help="words in each new user message")
+    chat.add_argument("--answer-tokens", nargs=2, type=int, default=[30, 150], metavar=("MIN", "MAX"),
+                      help="tokens generated for each answer (exactly: EOS ignored)")
     chat.add_argument("--min-turns", type=int, default=3)
     chat.add_argument("--max-turns", type=int, default=6)
     chat.add_argument("--conversation-rate", type=float, default=0.5, help="new conversations per second")
