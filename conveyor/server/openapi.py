@@ -20,7 +20,7 @@ _DESCRIPTIONS = {
     408: "The request body did not arrive in time",
     413: "The request body is over the server's limit",
     429: "Queue full: retry after the Retry-After header's seconds",
-    500: "Internal error; the message gives the request id (also in the X-Request-Id header)",
+    500: "Internal error; the message gives the request id, as the server's log does",
     503: "The engine is not running",
 }
 
