@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conveyor.config import QUANTIZATION_METHODS
+from conveyor.model.kernels import swap_linears
 
 
 class Int8Linear(nn.Module):
@@ -51,14 +52,4 @@ def quantize_linears(model: nn.Module, method: str) -> int:
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
-                swapped += 1
-    embed = getattr(model, "embed_tokens", None)
-    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
-        model.lm_head = Int8Linear(embed.weight)  # type: ignore[assignment]
-        swapped += 1
-    return swapped
+    return swap_linears(model, Int8Linear)
