@@ -83,8 +83,8 @@ def test_a_tied_lm_head_gets_its_own_prepacked_copy_and_the_embedding_keeps_its_
     model = _TiedModel()
     table = model.embed_tokens.weight
     with caplog.at_level(logging.INFO, logger="conveyor.model.kernels"):
-        assert apply_linear_kernel(model, "auto", CPU, torch.float32) == "onednn"
-    assert "linear kernel: onednn prepacked" in caplog.text and "2 layers" in caplog.text
+        assert apply_linear_kernel(model, "auto", None, CPU, torch.float32) == "onednn"
+    assert "linear kernel for float32: onednn (oneDNN available" in caplog.text and "2 layers" in caplog.text
     assert isinstance(model.proj, OneDNNLinear) and isinstance(model.lm_head, OneDNNLinear)
     assert model.embed_tokens.weight is table
     hidden = torch.randn(4, 16)
@@ -96,8 +96,8 @@ def test_without_onednn_the_model_keeps_its_torch_layers_and_says_so(
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     model = _TiedModel()
     with caplog.at_level(logging.INFO, logger="conveyor.model.kernels"):
-        assert apply_linear_kernel(model, "auto", CPU, torch.float32) == "torch"
-    assert "linear kernel: torch (this torch build has no oneDNN)" in caplog.text
+        assert apply_linear_kernel(model, "auto", None, CPU, torch.float32) == "torch"
+    assert "linear kernel for float32: torch (this torch build has no oneDNN; 0 layers" in caplog.text
     assert type(model.proj) is Linear and model.lm_head is None
 
 

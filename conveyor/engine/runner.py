@@ -14,7 +14,6 @@ from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, bu
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.model.kernels import apply_linear_kernel
-from conveyor.model.quantization import quantize_linears
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
 
@@ -43,11 +42,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        if config.quantization is not None:
-            swapped = quantize_linears(self.model, config.quantization)
-            logger.info("quantization %s: %d linear layers", config.quantization, swapped)
-        else:
-            apply_linear_kernel(self.model, config.linear_kernel, self.device, self.dtype)
+        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):

@@ -11,16 +11,17 @@ runs wherever oneDNN cannot: another device, a torch built without it, a dtype i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from conveyor.config import LINEAR_KERNELS
+from conveyor.model.layers import swap_linears
+from conveyor.model.quantization import quantize_linears
 
 logger = logging.getLogger(__name__)
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # int8: the int8 mode's compute
 
 
 class OneDNNLinear(nn.Module):
@@ -54,7 +55,7 @@ def onednn_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
     if dtype not in _ONEDNN_DTYPES:
-        return f"{dtype} is not covered (float32 and bfloat16 are)"
+        return f"{dtype} is not covered (float32, bfloat16 and int8 are)"
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no bfloat16 support in oneDNN"
     return None
@@ -77,31 +78,15 @@ def choose_linear_kernel(requested: str, device: torch.device, dtype: torch.dtyp
     return "torch", reason
 
 
-def swap_linears(model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> int:
-    """Replace every nn.Linear in `model` by `make(weight, bias)`, in place; returns how many were replaced.
-
-    A model whose lm_head is tied to the embedding gets its own lm_head made from the embedding's table:
-    the embedding keeps its plain table for lookups.
-    """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child.weight, child.bias))
-                swapped += 1
-    embed = getattr(model, "embed_tokens", None)
-    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
-        model.lm_head = make(embed.weight, None)  # type: ignore[assignment]
-        swapped += 1
-    return swapped
-
-
-def apply_linear_kernel(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Choose the linear kernel for this machine, swap the model's linear layers to it, log the choice."""
-    kernel, reason = choose_linear_kernel(requested, device, dtype)
-    if kernel == "onednn":
-        swapped = swap_linears(model, OneDNNLinear)
-        logger.info("linear kernel: onednn prepacked (%s; %d layers)", reason, swapped)
+def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | None, device: torch.device,
+                        dtype: torch.dtype) -> str:
+    """Choose the linear kernel for this machine (and precision), swap the model's linear layers to it
+    (quantizing them first in a quantized mode), log the choice; returns the kernel's name."""
+    kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
+    if quantization is not None:
+        swapped = quantize_linears(model, quantization, kernel)
     else:
-        logger.info("linear kernel: torch (%s)", reason)
+        swapped = swap_linears(model, OneDNNLinear) if kernel == "onednn" else 0
+    precision = quantization or str(dtype).removeprefix("torch.")
+    logger.info("linear kernel for %s: %s (%s; %d layers swapped)", precision, kernel, reason, swapped)
     return kernel
