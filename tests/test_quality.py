@@ -22,7 +22,7 @@ def test_text_windows_lead_with_bos_and_stop_at_max_tokens() -> None:
 
 
 # Bounds in nats per position; a mode that stopped quantizing (KL 0) or broke (KL >> bound) fails.
-_TINY_BOUNDS = {"fp32": (0.0, 1e-6), "bf16": (1e-7, 1e-2), "int8": (1e-7, 1e-2)}
+_TINY_BOUNDS = {"fp32": (0.0, 1e-6), "bf16": (1e-6, 1e-3), "int8": (1e-5, 5e-3)}  # measured 0, 1.7e-4, 9e-4
 
 
 def test_each_mode_stays_within_its_kl_bound_on_a_tiny_model(tiny_model_dirs: dict[str, Path]) -> None:
