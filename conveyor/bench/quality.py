@@ -33,6 +33,7 @@ MODES: dict[str, dict[str, str]] = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
+    "int8-torch": {"dtype": "float32", "quantization": "int8", "linear_kernel": "torch"},
 }
 
 

@@ -45,7 +45,8 @@ class Int8Linear(nn.Module):
     def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """fp32 rows [S, in] -> fp32 x @ W.T through int8, both scales applied."""
         quantized, row_scale = quantize_rows(rows)
-        return torch._int_mm(quantized, self.weight_t).float().mul_(row_scale).mul_(self.weight_scale)
+        # Weight scale first, as oneDNN applies it: the two kernels then agree to the bit.
+        return torch._int_mm(quantized, self.weight_t).float().mul_(self.weight_scale).mul_(row_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._scaled_matmul(x.reshape(-1, self.in_features).float())
