@@ -4,8 +4,10 @@ On a CPU, oneDNN's linear with its weight reordered once into the blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, then `_linear_pointwise` on every call) multiplies several
 times faster than MKL's `F.linear` at decode-sized steps, and faster at prefill sizes too
 (docs/benchmarks.md, "oneDNN prepacked linear layers"). It computes the same fp32 products; only the
-summation order differs. The plain torch path (`conveyor.model.layers.Linear`) stays the reference, and
-runs wherever oneDNN cannot: another device, a torch built without it, a dtype it does not cover.
+summation order differs. bf16 takes the same path; the int8 mode takes oneDNN's int8 linear
+(`conveyor.model.quantization.OneDNNInt8Linear`). The plain torch path (`conveyor.model.layers.Linear`,
+`Int8Linear`) stays the reference, and runs wherever oneDNN cannot: another device, a torch built
+without it, a dtype it does not cover.
 """
 
 from __future__ import annotations
