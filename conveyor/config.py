@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 QUANTIZATION_METHODS = ("int8",)  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
+LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -115,6 +116,9 @@ class EngineConfig:
     quantization: str | None = _knob(None, "int8: int8 weights and activations in the linear layers (faster "
                                            "on a CPU with VNNI, a small drift from fp32 logits; "
                                            "docs/configuration.md)", choices=QUANTIZATION_METHODS)
+    linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
+                                       "faster on CPUs), torch (the reference path), or auto (onednn where it "
+                                       "can run, else torch)", choices=LINEAR_KERNELS)
     chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
     enable_prefix_caching: bool = _knob(True, "reuse the KV blocks of prompt prefixes seen before (system "
                                               "prompts, earlier turns of a conversation)")
@@ -133,6 +137,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or unset, "
                              f"got {self.quantization!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
         parse_memory_size(self.kv_cache_memory)
 
     def resolved(self, model_path: str, model: ModelConfig) -> EngineConfig:

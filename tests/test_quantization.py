@@ -10,7 +10,8 @@ from torch import nn
 
 from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.engine import LLMEngine
-from conveyor.model.quantization import Int8Linear, quantize_linears
+from conveyor.model.kernels import choose_linear_kernel
+from conveyor.model.quantization import Int8Linear, OneDNNInt8Linear, quantize_linears
 
 
 def test_int8_linear_is_close_to_fp32_for_every_row_scale() -> None:
@@ -32,6 +33,24 @@ def test_int8_linear_handles_zero_rows_and_weights() -> None:
     weight[0, 0] = 1.0
     out = Int8Linear(weight)(torch.zeros(2, 8))
     assert torch.equal(out, torch.zeros(2, 4))
+
+
+@pytest.mark.skipif(choose_linear_kernel("auto", torch.device("cpu"), torch.int8)[0] != "onednn",
+                    reason="oneDNN cannot run on this machine")
+@pytest.mark.parametrize("num_rows", [0, 1, 9, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_int8_linear_computes_what_the_int_mm_path_computes(num_rows: int, with_bias: bool) -> None:
+    """The same int8 values, exact integer sums and the same two fp32 scalings in the same order: equal bits.
+
+    Bit-equality matters: a last-bit difference can flip the next layer's int8 rounding and grow."""
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(700, 640, generator=generator) * 0.05
+    bias = torch.randn(700, generator=generator) if with_bias else None
+    x = torch.randn(num_rows, 640, generator=generator) * torch.logspace(-3, 2, num_rows)[:, None]
+    reference = Int8Linear(weight, bias)(x)
+    ours = OneDNNInt8Linear(weight, bias)(x)
+    assert ours.shape == (num_rows, 700)
+    assert torch.equal(ours, reference)
 
 
 @pytest.mark.parametrize("architecture", ["gemma3", "llama"])

@@ -1,4 +1,4 @@
-"""`conveyor bench throughput | serve | sweep`: benchmarks that print figures and save JSON and pictures."""
+"""`conveyor bench throughput | serve | sweep | quality`: benchmarks that print figures and save JSON and pictures."""
 
 from __future__ import annotations
 
@@ -207,6 +207,24 @@ def _chat(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+# ---- quality -------------------------------------------------------------------------------------
+
+def _quality(args: argparse.Namespace) -> int:
+    from conveyor.bench.quality import DEFAULT_TEXT, measure_quality, read_text
+
+    text_path = args.text or DEFAULT_TEXT
+    config = EngineConfig.from_cli_args(args)
+    results = measure_quality(config, args.modes, read_text(text_path), args.window, args.max_tokens)
+    print(f"teacher-forced on {text_path}, windows of {args.window} tokens; KL(reference || mode) in nats")
+    print(f"{'mode':12s} {'tokens':>7s} {'perplexity':>11s} {'mean KL':>10s} {'p99 KL':>10s} {'top-1 agree':>12s}")
+    for r in results:
+        print(f"{r.mode:12s} {r.num_tokens:7d} {r.perplexity:11.4f} {r.mean_kl:10.2e} {r.p99_kl:10.2e} "
+              f"{r.top1_agreement:12.4f}")
+    _write_json(args.output, {"text": text_path, "window": args.window,
+                              "results": [dataclasses.asdict(r) for r in results]})
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
 
@@ -272,3 +290,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     chat.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on TPOT, seconds")
     chat.add_argument("--output", default="bench_results/chat.json")
     chat.set_defaults(handler=_chat)
+
+    quality = bench.add_parser("quality", help="teacher-forced perplexity, KL and top-1 agreement of each "
+                               "precision mode against the exact fp32 model, on a real English text")
+    quality.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8"],
+                         help="modes of conveyor.bench.quality.MODES, each against fp32-exact")
+    quality.add_argument("--text", default=None, help="a UTF-8 text file (default: the GPL-3 the OS ships)")
+    quality.add_argument("--window", type=int, default=256, help="tokens per teacher-forced window (BOS first)")
+    quality.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text to score")
+    quality.add_argument("--output", default="bench_results/quality.json")
+    EngineConfig.add_cli_args(quality)
+    quality.set_defaults(handler=_quality)

@@ -13,7 +13,7 @@ from conveyor.config import EngineConfig, ModelConfig
 from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, build_model_input
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler_output import SchedulerOutput
-from conveyor.model.quantization import quantize_linears
+from conveyor.model.kernels import apply_linear_kernel
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
 
@@ -42,9 +42,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        if config.quantization is not None:
-            swapped = quantize_linears(self.model, config.quantization)
-            logger.info("quantization %s: %d linear layers", config.quantization, swapped)
+        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):

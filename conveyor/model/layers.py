@@ -8,6 +8,7 @@ and values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def swap_linears(model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module]) -> int:
+    """Replace every nn.Linear in `model` by `make(weight, bias)`, in place; returns how many were replaced.
+
+    A model whose lm_head is tied to the embedding gets its own lm_head made from the embedding's table:
+    the embedding keeps its plain table for lookups.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child.weight, child.bias))
+                swapped += 1
+    embed = getattr(model, "embed_tokens", None)
+    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
+        model.lm_head = make(embed.weight, None)  # type: ignore[assignment]
+        swapped += 1
+    return swapped
 
 
 class RotaryEmbedding(nn.Module):

@@ -2,8 +2,10 @@
 
 Weights are rounded to int8 once, with one scale per output channel; activations are rounded to int8
 on every call, with one scale per token (row), so a token with large activations does not cost the
-others their precision. The matmul runs in integers (`torch._int_mm`, int32 accumulation, exact) and
-the two scales are applied to its result. It is faster than fp32 on a CPU with AVX-512 VNNI
+others their precision. The matmul runs in integers (int32 accumulation, exact) and the two scales are
+applied to its result: `torch._int_mm` is the reference kernel; on a CPU where oneDNN runs,
+`OneDNNInt8Linear` does the same integer products through oneDNN's int8 linear with the weight
+prepacked once, which measured faster (docs/benchmarks.md, "oneDNN prepacked linear layers"). It is faster than fp32 on a CPU with AVX-512 VNNI
 (docs/benchmarks.md), at the price of a small drift from the fp32 logits (measured against transformers
 in docs/configuration.md). Embedding lookups, norms and attention stay in the model dtype.
 """
@@ -14,6 +16,16 @@ import torch
 from torch import nn
 
 from conveyor.config import QUANTIZATION_METHODS
+from conveyor.model.layers import swap_linears
+
+# oneDNN's int8 linear takes unsigned activations: int8 values shifted by this, undone by its zero point.
+_UINT8_SHIFT = 128
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row: (int8 values, fp32 scales [rows, 1])."""
+    scale = t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(t / scale).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
@@ -21,20 +33,23 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        quantized = torch.round(weight / scale[:, None]).to(torch.int8)
-        self.register_buffer("weight_t", quantized.t().contiguous())  # [in_features, out_features]
-        self.register_buffer("weight_scale", scale)  # [out_features], fp32
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        quantized, scale = quantize_rows(weight.detach().float())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight_scale", scale.squeeze(1))  # [out_features], fp32
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._store_weight(quantized)
+
+    def _store_weight(self, quantized: torch.Tensor) -> None:
+        self.register_buffer("weight_t", quantized.t().contiguous())  # [in_features, out_features]
+
+    def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 rows [S, in] -> fp32 x @ W.T through int8, both scales applied."""
+        quantized, row_scale = quantize_rows(rows)
+        # Weight scale first, as oneDNN applies it: the two kernels then agree to the bit.
+        return torch._int_mm(quantized, self.weight_t).float().mul_(self.weight_scale).mul_(row_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-        quantized = torch.round(rows / row_scale).to(torch.int8)
-        out = torch._int_mm(quantized, self.weight_t).float()
-        out.mul_(row_scale).mul_(self.weight_scale)
+        out = self._scaled_matmul(x.reshape(-1, self.in_features).float())
         if self.bias is not None:
             out.add_(self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -43,22 +58,35 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_linears(model: nn.Module, method: str) -> int:
+class OneDNNInt8Linear(Int8Linear):
+    """Int8Linear's arithmetic through oneDNN's int8 linear, with the int8 weight prepacked once.
+
+    The prepacked weight is an opaque oneDNN tensor, held as a plain attribute like `OneDNNLinear`'s.
+    """
+
+    def _store_weight(self, quantized: torch.Tensor) -> None:
+        self.packed_weight = torch.ops.onednn.qlinear_prepack(quantized, None)
+        self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.long)
+
+    def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 0:  # oneDNN refuses an empty input
+            return rows.new_empty(0, self.out_features)
+        quantized, row_scale = quantize_rows(rows)
+        # v + 128 as a byte is v's two's-complement byte with its top bit flipped.
+        shifted = quantized.view(torch.uint8).bitwise_xor_(_UINT8_SHIFT)
+        out = torch.ops.onednn.qlinear_pointwise(
+            shifted, 1.0, _UINT8_SHIFT, self.packed_weight, self.weight_scale, self.weight_zero_point, None,
+            1.0, 0, torch.float32, "none", [], "")
+        return out.mul_(row_scale)
+
+
+def quantize_linears(model: nn.Module, method: str, kernel: str = "torch") -> int:
     """Swap every nn.Linear in `model` for its quantized form, in place; returns how many were swapped.
 
-    A model whose lm_head is tied to the embedding gets its own quantized lm_head (the embedding keeps
-    its full-precision table for lookups).
+    `kernel` "onednn" takes oneDNN's int8 linear, "torch" `torch._int_mm`. A model whose lm_head is tied
+    to the embedding gets its own quantized lm_head (the embedding keeps its full-precision table for
+    lookups).
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
-                swapped += 1
-    embed = getattr(model, "embed_tokens", None)
-    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
-        model.lm_head = Int8Linear(embed.weight)  # type: ignore[assignment]
-        swapped += 1
-    return swapped
+    return swap_linears(model, OneDNNInt8Linear if kernel == "onednn" else Int8Linear)

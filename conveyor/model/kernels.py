@@ -1,0 +1,94 @@
+"""Which kernel runs the linear layers, chosen once per machine when the model is loaded.
+
+On a CPU, oneDNN's linear with its weight reordered once into the blocked layout it prefers
+(`torch.ops.mkldnn._reorder_linear_weight`, then `_linear_pointwise` on every call) multiplies several
+times faster than MKL's `F.linear` at decode-sized steps, and faster at prefill sizes too
+(docs/benchmarks.md, "oneDNN prepacked linear layers"). It computes the same fp32 products; only the
+summation order differs. bf16 takes the same path; the int8 mode takes oneDNN's int8 linear
+(`conveyor.model.quantization.OneDNNInt8Linear`). The plain torch path (`conveyor.model.layers.Linear`,
+`Int8Linear`) stays the reference, and runs wherever oneDNN cannot: another device, a torch built
+without it, a dtype it does not cover.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from conveyor.config import LINEAR_KERNELS
+from conveyor.model.layers import swap_linears
+from conveyor.model.quantization import quantize_linears
+
+logger = logging.getLogger(__name__)
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # int8: the int8 mode's compute
+
+
+class OneDNNLinear(nn.Module):
+    """`y = x @ W.T + b` through oneDNN, with W reordered once into oneDNN's blocked layout.
+
+    The reordered weight is an opaque oneDNN tensor: it is held as a plain attribute, not a parameter,
+    because `Module.to` and state dicts cannot handle it. Build this after the model has its final dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 0:  # oneDNN refuses an empty input
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def onednn_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why oneDNN's prepacked linear cannot run here, or None when it can."""
+    if device.type != "cpu":
+        return f"device {device.type} is not a CPU"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if dtype not in _ONEDNN_DTYPES:
+        return f"{dtype} is not covered (float32, bfloat16 and int8 are)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bfloat16 support in oneDNN"
+    return None
+
+
+def choose_linear_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The kernel to run ("onednn" or "torch") and why, for a request of "auto", "onednn" or "torch".
+
+    "auto" takes oneDNN wherever it can run; "onednn" where it cannot is an error, not a silent fallback.
+    """
+    if requested not in LINEAR_KERNELS:
+        raise ValueError(f"unknown linear kernel {requested!r}; choose from {', '.join(LINEAR_KERNELS)}")
+    if requested == "torch":
+        return "torch", "requested"
+    reason = onednn_unavailable_reason(device, dtype)
+    if reason is None:
+        return "onednn", f"oneDNN available for {dtype} on {device.type}"
+    if requested == "onednn":
+        raise ValueError(f"linear kernel onednn cannot run: {reason}")
+    return "torch", reason
+
+
+def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | None, device: torch.device,
+                        dtype: torch.dtype) -> str:
+    """Choose the linear kernel for this machine (and precision), swap the model's linear layers to it
+    (quantizing them first in a quantized mode), log the choice; returns the kernel's name."""
+    kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
+    if quantization is not None:
+        swapped = quantize_linears(model, quantization, kernel)
+    else:
+        swapped = swap_linears(model, OneDNNLinear) if kernel == "onednn" else 0
+    precision = quantization or str(dtype).removeprefix("torch.")
+    logger.info("linear kernel for %s: %s (%s; %d layers swapped)", precision, kernel, reason, swapped)
+    return kernel
