@@ -28,7 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
     from conveyor.server.app import ServerSettings, build_app
     from conveyor.server.metrics import ServerMetrics
 
-    engine = LLMEngine(EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace))
+    try:
+        config = EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace)
+    except ValueError as error:  # a bad --config file: its key, not a traceback
+        raise SystemExit(f"conveyor serve: {error}") from None
+    engine = LLMEngine(config)
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
     llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step, start_thread=False)
