@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conveyor.tune.cost_model import FEATURES, AttentionShape, CostModel, RowShape, fit_cost_model, step_features
+from conveyor.tune.cost_model import (
+    FEATURES,
+    AttentionShape,
+    CostModel,
+    RowShape,
+    fit_cost_model,
+    step_features,
+)
 
 SHAPE = AttentionShape(block_size=16, num_full_layers=1, num_sliding_layers=3, sliding_window=64)
 

@@ -18,6 +18,9 @@ from types import FrameType
 import uvicorn
 
 from conveyor.config import EngineConfig
+from conveyor.engine.stats import StepStats
+from conveyor.outputs import RequestOutput
+from conveyor.workload_trace import TraceRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,15 @@ def _serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(config)
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
-    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=metrics.observe_step, start_thread=False)
+    observer = metrics.observe_step
+    if args.record_trace:
+        recorder = TraceRecorder(args.record_trace)
+
+        def observer(stats: StepStats, outputs: list[RequestOutput]) -> None:
+            metrics.observe_step(stats, outputs)
+            recorder.observe(stats, outputs)
+
+    llm = AsyncLLM(engine, log_interval=args.log_interval, observer=observer, start_thread=False)
     settings = ServerSettings(model_name=model_name, api_key=args.api_key, max_queue_len=args.max_queue_len,
                               max_body_bytes=args.max_body_bytes)
     app = build_app(llm, settings, metrics)
@@ -78,5 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds in-flight requests get to finish after SIGTERM")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     serve.add_argument("--step-trace", action="store_true", help="record the step trace (memory grows with load)")
+    serve.add_argument("--record-trace", default=None, metavar="FILE",
+                       help="append each finished request's arrival time, prompt and output lengths and shared "
+                            "prefix (no text) to FILE as JSON lines, for `conveyor tune --trace`")
     EngineConfig.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
