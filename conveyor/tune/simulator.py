@@ -13,7 +13,9 @@ workload gives them (a chat turn's answer, which the next turn's prompt repeats)
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from conveyor.config import EngineConfig
@@ -67,11 +69,29 @@ class SimRun:
 FollowUp = Callable[[SimResult, float], list[SimRequest]]
 
 
+@contextmanager
+def _quiet_scheduler() -> Iterator[None]:
+    """Simulated preemptions are counted in `SimRun`; the scheduler's warning for each would flood the log."""
+    scheduler_logger = logging.getLogger("conveyor.engine.scheduler")
+    level = scheduler_logger.level
+    scheduler_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        scheduler_logger.setLevel(level)
+
+
 def simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]], float],
              requests: Sequence[SimRequest], follow_up: FollowUp | None = None,
              max_steps: int = 2_000_000) -> SimRun:
     """Run `requests` (plus any follow-ups) to completion. `config` must say num_kv_blocks and max_model_len
     (`EngineConfig.resolved`). Raises ValueError, as the engine does, for a request that could never run."""
+    with _quiet_scheduler():
+        return _simulate(config, step_seconds, requests, follow_up, max_steps)
+
+
+def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]], float],
+              requests: Sequence[SimRequest], follow_up: FollowUp | None, max_steps: int) -> SimRun:
     assert config.num_kv_blocks and config.max_model_len, "the config is not resolved"
     scheduler = Scheduler(config, config.num_kv_blocks, config.max_model_len)
     arrivals: list[tuple[float, int, SimRequest]] = []
