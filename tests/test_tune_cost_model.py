@@ -58,3 +58,13 @@ def test_the_fit_never_prices_a_feature_negatively() -> None:
     fitted = fit_cost_model(steps, seconds, SHAPE)
     assert min(fitted.coefficients) >= 0.0
     assert fitted.coefficients[1] == pytest.approx(1e-4, rel=0.1)
+
+
+def test_a_few_stalled_steps_do_not_drag_the_fit() -> None:
+    truth = CostModel(SHAPE, (0.004, 2e-4, 1e-3, 5e-5, 8e-4, 3e-8, 2e-3, 1e-8))
+    steps = _random_steps(np.random.default_rng(3), 300)
+    seconds = [truth.step_seconds(rows) for rows in steps]
+    for index in range(0, 300, 30):  # one step in thirty took five times as long
+        seconds[index] *= 5
+    fitted = fit_cost_model(steps, seconds, SHAPE)
+    assert fitted.coefficients == pytest.approx(truth.coefficients, rel=1e-6)

@@ -112,14 +112,27 @@ class CostModel:
         return cls(AttentionShape(**data["shape"]), tuple(float(data["coefficients"][f]) for f in FEATURES))
 
 
-def fit_cost_model(steps: Sequence[Sequence[RowShape]], seconds: Sequence[float], shape: AttentionShape) -> CostModel:
+def fit_cost_model(steps: Sequence[Sequence[RowShape]], seconds: Sequence[float], shape: AttentionShape,
+                   outlier_factor: float = 4.0) -> CostModel:
     """Least squares on relative error (a 20 ms decode step matters as much as a 1 s prefill), keeping
-    every coefficient non-negative: a feature that would come out negative is dropped and the rest refit."""
+    every coefficient non-negative. Then once more without the steps the first fit misses by more than
+    `outlier_factor` times its median miss: on a shared machine a few steps stall for reasons no feature
+    explains (another process took the core), and they would drag every coefficient."""
     features = np.stack([step_features(rows, shape) for rows in steps])
     targets = np.asarray(seconds, dtype=float)
+    coefficients = _fit_non_negative(features, targets)
+    misses = np.abs(features @ coefficients - targets) / np.maximum(targets, 1e-9)
+    kept = misses <= outlier_factor * max(float(np.median(misses)), 1e-3)
+    if not kept.all() and kept.sum() >= len(FEATURES):
+        coefficients = _fit_non_negative(features[kept], targets[kept])
+    return CostModel(shape, tuple(float(c) for c in coefficients))
+
+
+def _fit_non_negative(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """A feature whose coefficient comes out negative is dropped and the rest refit."""
     weights = 1.0 / np.maximum(targets, 1e-6)
     scale = np.maximum(features.max(axis=0), 1e-12)  # columns of ~1 keep lstsq well conditioned
-    active = [i for i in range(len(FEATURES)) if features[:, i].any()]
+    active = [i for i in range(features.shape[1]) if features[:, i].any()]
     while True:
         solution, *_ = np.linalg.lstsq(features[:, active] / scale[active] * weights[:, None], targets * weights,
                                        rcond=None)
@@ -127,9 +140,9 @@ def fit_cost_model(steps: Sequence[Sequence[RowShape]], seconds: Sequence[float]
         if not negative:
             break
         active.remove(min(negative, key=lambda i: solution[active.index(i)]))
-    coefficients = np.zeros(len(FEATURES))
+    coefficients = np.zeros(features.shape[1])
     coefficients[active] = solution / scale[active]
-    return CostModel(shape, tuple(float(c) for c in coefficients))
+    return coefficients
 
 
 def relative_errors(model: CostModel, steps: Sequence[Sequence[RowShape]], seconds: Sequence[float]) -> np.ndarray:
