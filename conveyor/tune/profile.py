@@ -121,9 +121,12 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
     calibration = _Calibration(engine, seed=0)
     calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up: first calls pay one-off costs
     calibration.steps.clear()
-    for _ in range(plan.repeats):
+    for round_index in range(plan.repeats):
+        logger.info("profiling round %d of %d: decode batches", round_index + 1, plan.repeats)
         calibration.run_decodes(plan.batch_sizes, plan.context_lens)
+        logger.info("profiling: prompt chunks (%d steps so far)", len(calibration.steps))
         calibration.run_chunks(plan.chunk_sizes)
+        logger.info("profiling: mixed steps (%d steps so far)", len(calibration.steps))
         calibration.run_mixed(plan.mixed_decodes, plan.chunk_sizes, max(plan.context_lens))
     steps = calibration.steps
     held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]

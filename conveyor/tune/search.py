@@ -226,12 +226,16 @@ def grid(max_num_seqs: Iterable[int], max_num_batched_tokens: Iterable[int], bas
 
 def refinements(best: Iterable[Candidate], chunk_shares: Iterable[int], kv_sizes: Iterable[str],
                 prefix_caching: Iterable[bool]) -> list[Candidate]:
-    """Variations of the best grid points in the other knobs, without repeats."""
+    """Variations of the best grid points in one other knob at a time (the product would multiply the
+    search's time for little: these knobs interact less than the two budget knobs), without repeats."""
+    chunk_shares, kv_sizes, prefix_caching = list(chunk_shares), list(kv_sizes), list(prefix_caching)
     seen: set[Candidate] = set()
     variations = []
     for candidate in best:
-        for share, kv, prefix in itertools.product(chunk_shares, kv_sizes, prefix_caching):
-            variation = replace(candidate, prefill_chunk_share=share, kv_cache_memory=kv, enable_prefix_caching=prefix)
+        for variation in itertools.chain(
+                (replace(candidate, prefill_chunk_share=share) for share in chunk_shares),
+                (replace(candidate, kv_cache_memory=kv) for kv in kv_sizes),
+                (replace(candidate, enable_prefix_caching=prefix) for prefix in prefix_caching)):
             if variation not in seen:
                 seen.add(variation)
                 variations.append(variation)
