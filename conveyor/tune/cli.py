@@ -66,6 +66,8 @@ def _tune(args: argparse.Namespace) -> int:
     tried = {e.candidate for e in evaluations}
     extra = [c for c in refinements(best, args.chunk_shares, args.kv_sizes, prefix_options) if c not in tried]
     evaluations = rank(evaluations + evaluate_all(extra, hint))
+    if all(e.shown is None for e in evaluations):
+        raise SystemExit(f"conveyor tune: no configuration can run this workload: {default_evaluation.error}")
     print(f"{len(evaluations)} candidates, {tuner.num_simulations} simulated runs in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     print(format_table(evaluations[:args.show], default_evaluation, workload.rate_unit, fixed_rate is not None))

@@ -63,10 +63,10 @@ def plot_pareto(evaluations: list[Evaluation], path: Path) -> Path:
             ax.scatter(*zip(*points), s=10, color="#bbbbbb", label="simulated runs")
             front = pareto_front(points)
             ax.plot(*zip(*front), "o-", color="#e15759", label="Pareto front")
+            ax.legend()
         ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("output tokens/s")
-        ax.legend()
     return _save(fig, path)
 
 
