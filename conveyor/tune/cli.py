@@ -41,7 +41,8 @@ def _tune(args: argparse.Namespace) -> int:
     error = profile.held_out_error
     print(f"profile {profile_path} ({'measured now' if measured else 'cached'}: {profile.num_steps} steps in "
           f"{profile.seconds:.0f} s); step-time error on {error['steps']} held-out steps: mean "
-          f"{100 * error['mean']:.1f}%, p50 {100 * error['p50']:.1f}%, p90 {100 * error['p90']:.1f}%", flush=True)
+          f"{100 * error['mean']:.1f}%, p50 {100 * error['p50']:.1f}%, p90 {100 * error['p90']:.1f}%; identical steps "
+          f"differ by {100 * error.get('repeat_noise', 0.0):.1f}% on average", flush=True)
 
     workload = _workload(args, base)
     tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo)

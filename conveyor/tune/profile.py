@@ -134,7 +134,8 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
     model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
     errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
     summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
-               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out)}
+               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
+               "repeat_noise": calibration.repeat_noise()}
     return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started)
 
 
@@ -148,6 +149,7 @@ class _Calibration:
         self.limit = engine.max_model_len - DECODE_STEPS - 2  # longest prompt that still decodes
         self.active: dict[str, Request] = {}
         self.steps: list[tuple[list[RowShape], float]] = []
+        self.repeats: list[list[float]] = []  # durations of the decode steps of one point: the same work
         self._ids = 0
 
     def _tokens(self, count: int) -> list[int]:
@@ -186,7 +188,17 @@ class _Calibration:
             for batch in batch_sizes:
                 for _ in range(batch):  # all but the last block shared: one prefill, then `batch` decodes
                     self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 1)
+                first = len(self.steps)
                 self.drain()
+                self.repeats.append([seconds for rows, seconds in self.steps[first:]
+                                     if len(rows) == batch and all(row.num_new == 1 for row in rows)])
+
+    def repeat_noise(self) -> float:
+        """How much steps doing the same work differ in time: the mean relative distance of a decode step
+        from its point's median. No model of step time can be more accurate than this on this machine."""
+        deviations = [abs(seconds - np.median(point)) / np.median(point)
+                      for point in self.repeats if len(point) > 1 for seconds in point]
+        return float(np.mean(deviations)) if deviations else 0.0
 
     def run_chunks(self, chunk_sizes: tuple[int, ...]) -> None:
         for size in chunk_sizes:
