@@ -31,7 +31,8 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     assert measured and path.exists() and profile.num_steps > 20
     assert profile.cost_model.shape.num_sliding_layers == 2 and profile.cost_model.shape.sliding_window == 8
     assert min(profile.cost_model.coefficients) >= 0 and profile.held_out_error["steps"] >= 4
-    assert set(profile.held_out_error) == {"mean", "p50", "p90", "max", "steps"}
+    assert set(profile.held_out_error) == {"mean", "p50", "p90", "max", "steps", "repeat_noise"}
+    assert profile.held_out_error["repeat_noise"] > 0
     again, again_path, measured_again = load_or_profile(config, TINY_PLAN, tmp_path)
     assert (again_path, measured_again, again.cost_model) == (path, False, profile.cost_model)
     other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path)
