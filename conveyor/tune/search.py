@@ -22,7 +22,8 @@ from conveyor.tune.cost_model import CostModel
 from conveyor.tune.simulator import SimRun, simulate
 from conveyor.tune.workloads import SimWorkload
 
-BRACKET_STEPS = 10  # rate doublings or halvings before giving up on bracketing the highest rate
+MAX_DOUBLINGS = 10  # of the rate, looking for one that misses the SLOs
+MAX_HALVINGS = 4  # looking for one that meets them: a candidate that misses at 1/16 of the hint is out
 BISECTION_STEPS = 5  # then the bracket narrows to 2 ** (1 / 32): about 2%
 
 
@@ -170,13 +171,11 @@ class Tuner:
         meets = self.slo.met_by(run)
         return Evaluation(candidate, rate if meets else 0.0, [RatePoint(rate, meets, summary)])
 
-    def search(self, grid: Iterable[Candidate], rate_hint: float,
-               report: Callable[[Evaluation], None] = lambda _: None) -> list[Evaluation]:
+    def search(self, grid: Iterable[Candidate], rate_hint: float) -> list[Evaluation]:
         """Every candidate evaluated, the best (highest sustainable rate) first."""
         evaluations = []
         for candidate in grid:
             evaluations.append(self.evaluate(candidate, rate_hint))
-            report(evaluations[-1])
             rate_hint = max(rate_hint, evaluations[-1].max_rate) if evaluations[-1].max_rate else rate_hint
         return rank(evaluations)
 
@@ -193,19 +192,20 @@ def rank(evaluations: list[Evaluation]) -> list[Evaluation]:
 
 
 def _bracket(meets: Callable[[float], bool], rate: float) -> tuple[float | None, float | None]:
-    """(a rate meeting the SLOs, twice it failing them), or None for a side never found."""
+    """(a rate meeting the SLOs, twice it missing them), or None for a side never found."""
     passing = failing = None
-    for _ in range(BRACKET_STEPS):
+    doublings = halvings = 0
+    while True:
         if meets(rate):
             passing = rate
-            if failing is not None:
+            if failing is not None or doublings == MAX_DOUBLINGS:
                 break
-            rate *= 2
+            rate, doublings = rate * 2, doublings + 1
         else:
             failing = rate
-            if passing is not None:
+            if passing is not None or halvings == MAX_HALVINGS:
                 break
-            rate /= 2
+            rate, halvings = rate / 2, halvings + 1
     return passing, failing
 
 
