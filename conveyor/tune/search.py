@@ -181,12 +181,15 @@ class Tuner:
 
 
 def rank(evaluations: list[Evaluation]) -> list[Evaluation]:
-    """Highest sustainable rate first; then the higher goodput and the lower p99 TTFT at that rate."""
-    def key(evaluation: Evaluation) -> tuple[float, float, float]:
+    """Highest sustainable rate first; then, at that rate, the higher goodput, then the lower p99 TTFT, p99
+    ITL and median TTFT."""
+    def key(evaluation: Evaluation) -> tuple[float, ...]:
         shown = evaluation.shown
         if shown is None:
-            return (math.inf, math.inf, math.inf)
-        return (-evaluation.max_rate, -shown.summary["goodput"], shown.summary["ttft_s"]["p99"])
+            return (math.inf,)
+        summary = shown.summary
+        return (-evaluation.max_rate, -summary["goodput"], summary["ttft_s"]["p99"], summary["itl_s"]["p99"],
+                summary["ttft_s"]["p50"])
 
     return sorted(evaluations, key=key)
 
