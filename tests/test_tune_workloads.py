@@ -59,13 +59,17 @@ def test_a_malformed_trace_names_its_line(tmp_path) -> None:
         read_trace(path)
 
 
-def test_chat_turns_repeat_the_conversation_and_hit_the_prefix_cache() -> None:
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_chat_turns_repeat_the_conversation_and_hit_the_prefix_cache(prefix_caching: bool) -> None:
     workload = w3_workload(lambda rate: w3_conversations(num_conversations=3, conversation_rate=rate,
                                                          system_words=64))
     requests, follow_up = workload.build(1.0)
     assert follow_up is not None and len(requests) == 3
-    config = EngineConfig(num_kv_blocks=2048, max_model_len=8192, max_num_batched_tokens=512)
+    config = EngineConfig(num_kv_blocks=2048, max_model_len=8192, max_num_batched_tokens=512,
+                          enable_prefix_caching=prefix_caching)
     run = simulate(config, lambda rows: 0.01 + 1e-4 * sum(r.num_new for r in rows), requests, follow_up)
+    # Later turns repeat all earlier ones: most prompt tokens come from the cache, or none without it.
+    assert run.cached_ratio > 0.5 if prefix_caching else run.cached_ratio == 0.0
     conversations = w3_conversations(num_conversations=3, conversation_rate=1.0, system_words=64)
     assert len(run.results) == sum(len(c.user_messages) for c in conversations)
     by_turn = {r.request.request_id.split(".")[0]: r.request for r in run.results}

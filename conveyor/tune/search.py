@@ -218,7 +218,8 @@ def summarize_run(run: SimRun, settings: ServeSettings, workload: str) -> dict:
                              generated=len(r.token_times), ttft=r.ttft, e2e=r.e2e, itls=r.itls)
                for r in run.results]
     summary = summarize(results, run.duration, settings, "simulated")
-    summary.update(workload=workload, num_steps=run.num_steps, num_preemptions=run.num_preemptions)
+    summary.update(workload=workload, num_steps=run.num_steps, num_preemptions=run.num_preemptions,
+                   cached_ratio=run.cached_ratio)
     return summary
 
 

@@ -62,6 +62,13 @@ class SimRun:
     duration: float  # from the first arrival to the last token
     num_steps: int
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests
+    prefix_cache_hits: int = 0  # of those, found in the prefix cache
+
+    @property
+    def cached_ratio(self) -> float:
+        """The share of prompt tokens the prefix cache supplied (as `conveyor bench chat` reports it)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 # Called when a request finishes, with its result and the clock: returns follow-up requests (a chat's next
@@ -108,6 +115,7 @@ def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]],
     done: list[SimResult] = []
     clock = arrivals[0][0] if arrivals else 0.0
     start, num_steps = clock, 0
+    queries = hits = 0
     while arrivals or scheduler.has_unfinished_requests():
         while arrivals and arrivals[0][0] <= clock:
             request = heapq.heappop(arrivals)[2]
@@ -122,6 +130,7 @@ def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]],
             raise RuntimeError(f"the scheduler ran nothing with {scheduler.num_waiting} requests waiting")
         clock += step_seconds(rows_of(output))
         num_steps += 1
+        queries, hits = queries + output.num_prefix_cache_queries, hits + output.num_prefix_cache_hits
         if num_steps > max_steps:
             raise RuntimeError(f"simulation did not finish in {max_steps} steps")
         sampled = {s.request_id: _next_token(results[s.request_id]) for s in output.scheduled if s.samples}
@@ -133,7 +142,7 @@ def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]],
                 done.append(result)
                 for follower in follow_up(result, clock) if follow_up else []:
                     submit(follower)
-    return SimRun(done, clock - start, num_steps, scheduler.num_preemptions)
+    return SimRun(done, clock - start, num_steps, scheduler.num_preemptions, queries, hits)
 
 
 def _next_token(result: SimResult) -> int:

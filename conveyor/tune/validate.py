@@ -133,6 +133,9 @@ def format_comparison(row: dict) -> str:
         error = (predicted - measured) / measured if measured else math.nan
         scale = 1000 if key.endswith("_s") else 1
         lines.append(f"  {name:<10} {predicted * scale:10.1f} {measured * scale:10.1f} {100 * error:6.1f}%")
+    if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
+        lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
+                     f"{100 * row['measured']['cached_ratio']:10.1f}")
     return "\n".join(lines)
 
 
