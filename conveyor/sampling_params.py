@@ -57,6 +57,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            # NOTE: a 64-bit signed seed; n > 1 adds the sample index, which still fits torch's generator.
+            (self.seed is None or -(2**63) <= self.seed < 2**63, f"seed must be a 64-bit integer, got {self.seed}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
         ]

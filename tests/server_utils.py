@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import httpx
@@ -30,10 +31,19 @@ class RunningServer:
             return f.read()
 
 
+def metric(base_url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """A Prometheus metric's value, summed over its label sets (0 when absent)."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
 @contextmanager
-def running_server(*args: str, timeout: float = 120.0, log_path: str) -> Iterator[RunningServer]:
+def running_server(*args: str, timeout: float = 120.0, log_path: str,
+                   launcher: Sequence[str] = ("-m", "conveyor.cli")) -> Iterator[RunningServer]:
+    """`launcher`: what follows the interpreter, before `serve` (e.g. `-c` and a script that injects faults,
+    then calls `conveyor.cli.main(sys.argv[1:])`)."""
     port = free_port()
-    command = [sys.executable, "-m", "conveyor.cli", "serve", "--port", str(port), *args]
+    command = [sys.executable, *launcher, "serve", "--port", str(port), *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     server = RunningServer(process, port, log_path)

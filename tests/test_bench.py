@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conveyor.bench.plots import timeline_matrix
 from conveyor.bench.throughput import run_continuous, run_static
 from conveyor.bench.workloads import w1_requests
 from conveyor.cli import main
 from conveyor.config import EngineConfig
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.timeline import IDLE, timeline_matrix
 from tests.server_utils import running_server
 
 TINY_WORKLOAD = ["--num-requests", "6", "--min-input", "8", "--max-input", "40", "--min-output", "4",
@@ -63,8 +63,8 @@ def test_static_baseline_pads_and_continuous_does_not(tiny_model_dirs: dict[str,
     static_matrix, _ = timeline_matrix(static.steps, useful)
     useful = {rid: r.output_len - 1 for rid, r in zip(continuous.request_ids, requests)}
     continuous_matrix, _ = timeline_matrix(continuous.steps, useful)
-    assert (static_matrix == 3).sum() > 0 and static.padding_tokens > 0  # idle slots and pad tokens
-    assert (continuous_matrix == 3).sum() == 0 and continuous.padding_tokens == 0
+    assert (static_matrix == IDLE.code).sum() > 0 and static.padding_tokens > 0  # idle slots and pad tokens
+    assert (continuous_matrix == IDLE.code).sum() == 0 and continuous.padding_tokens == 0
     assert continuous.num_steps < static.num_steps
 
 
@@ -73,9 +73,10 @@ def test_serve_and_sweep_against_a_real_server(tiny_model_dirs: dict[str, Path],
                         log_path=str(tmp_path / "server.log")) as server:
         output = tmp_path / "serve.json"
         assert main(["bench", "serve", "--base-url", server.base_url, *TINY_WORKLOAD, "--request-rate", "20",
-                     "--burstiness", "0.5", "--output", str(output)]) == 0
+                     "--burstiness", "0.5", "--dashboard-viewers", "2", "--output", str(output)]) == 0
         summary = json.loads(output.read_text())
         assert summary["completed"] == 6 and summary["failed"] == 0
+        assert len(summary["dashboard_viewer_bytes"]) == 2 and min(summary["dashboard_viewer_bytes"]) > 0
         for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
             assert set(summary[metric]) == {"mean", "p50", "p90", "p99"} and summary[metric]["p99"] > 0
         assert summary["output_throughput"] > 0 and summary["goodput"] >= 0

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 VOCAB_SIZE = 384  # 256 byte-level symbols + a few merges' worth of room + specials
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
@@ -37,7 +37,8 @@ def _tiny_config(architecture: str):  # type: ignore[no-untyped-def]
 
 def tiny_tokenizer() -> Tokenizer:
     """Byte-level BPE with no merges: every byte is a token, shifted past the special ids; the rest of
-    the model's vocabulary is filler words, so every id the model can produce decodes to text."""
+    the model's vocabulary is filler words, so every id the model can produce decodes to text. Like a
+    real Llama or Gemma tokenizer.json, its post-processor puts BOS before every text."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
     for symbol in alphabet:
@@ -48,6 +49,8 @@ def tiny_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                             special_tokens=[("<bos>", BOS_ID)])
     return tokenizer
 
 
@@ -67,8 +70,11 @@ def make_tiny_model_dir(architecture: str, path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save(str(path / "tokenizer.json"))
+    # A generic class, as Llama 3 declares: transformers runs the file as written, except for model types
+    # whose class it imposes (qwen2: Qwen2Tokenizer's own pipeline).
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+         "pad_token": "<pad>"}))
     return path
 
 

@@ -161,7 +161,7 @@ def _serve_settings(args: argparse.Namespace, rate: float, concurrency: int | No
     return ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, request_rate=rate,
                          burstiness=args.burstiness, max_concurrency=concurrency, seed=args.seed,
                          slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key,
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens, dashboard_viewers=args.dashboard_viewers)
 
 
 def _run_serve_benchmark(args: argparse.Namespace, settings: ServeSettings, command: str) -> dict:
@@ -255,6 +255,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         parser.add_argument("--max-tokens", type=int, default=None,
                             help="ask every request for this many tokens (the prompts stay the workload's): "
                                  "a quick unloaded-TTFT run with --max-concurrency 1")
+        parser.add_argument("--dashboard-viewers", type=int, default=0,
+                            help="read a conveyor server's step stream this many times over during the run, as "
+                                 "that many open dashboards would (to measure what watching costs)")
         if name == "serve":
             parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
             parser.add_argument("--max-concurrency", type=int, default=None)

@@ -9,50 +9,26 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from conveyor.engine.stats import StepStats  # noqa: E402
+from conveyor.engine.timeline import CELL_KINDS, EMPTY, timeline_matrix  # noqa: E402
 
-_EMPTY, _PREFILL, _DECODE, _IDLE = 0, 1, 2, 3
-_COLORS = ListedColormap(["#ffffff", "#f28e2b", "#4e79a7", "#d3d3d3"])
-
-
-def timeline_matrix(steps: list[StepStats], useful_decodes: dict[str, int] | None = None
-                    ) -> tuple[np.ndarray, list[str]]:
-    """[request, step] -> empty / prefill / decode / idle. A decode beyond a request's useful count (static
-    batching keeps finished requests in the batch until its longest is done) is idle."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for step in steps:
-        for entry in step.scheduled:
-            if entry.request_id not in seen:
-                seen.add(entry.request_id)
-                order.append(entry.request_id)
-    row = {request_id: i for i, request_id in enumerate(order)}
-    matrix = np.zeros((len(order), len(steps)), dtype=np.int8)
-    decodes: dict[str, int] = {}
-    for column, step in enumerate(steps):
-        for entry in step.scheduled:
-            kind = _PREFILL if entry.kind == "prefill" else _DECODE
-            if kind == _DECODE:
-                decodes[entry.request_id] = decodes.get(entry.request_id, 0) + 1
-                if useful_decodes is not None and decodes[entry.request_id] > useful_decodes.get(entry.request_id, 1 << 30):
-                    kind = _IDLE
-            matrix[row[entry.request_id], column] = kind
-    return matrix, order
+# One colour per cell kind, indexed by its code (conveyor.engine.timeline is the one definition).
+_COLORS = ListedColormap([kind.color for kind in CELL_KINDS])
 
 
 def plot_timeline(steps: list[StepStats], path: Path, title: str,
                   useful_decodes: dict[str, int] | None = None) -> Path:
     matrix, order = timeline_matrix(steps, useful_decodes)
     fig, ax = plt.subplots(figsize=(12, max(3.0, 0.08 * len(order) + 1.5)))
-    ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=_COLORS, vmin=0, vmax=3)
+    ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap=_COLORS, vmin=0, vmax=len(CELL_KINDS) - 1)
     ax.set_xlabel("engine step")
     ax.set_ylabel(f"request (arrival order, {len(order)})")
     ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS(i)) for i in (_PREFILL, _DECODE, _IDLE)]
-    ax.legend(handles, ["prefill chunk", "decode", "idle slot (padding)"], loc="upper right", fontsize=8)
+    shown = [kind for kind in CELL_KINDS if kind is not EMPTY and (matrix == kind.code).any()]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=kind.color) for kind in shown]
+    ax.legend(handles, [kind.label for kind in shown], loc="upper right", fontsize=8)
     return _save(fig, path)
 
 

@@ -3,8 +3,10 @@
 Token-id prompts from the W1 generator, `max_tokens = output_len`, `ignore_eos`, greedy, streamed.
 Arrivals follow a gamma process (burstiness 1.0 = Poisson; lower = burstier) at `request_rate`
 requests/s, or requests are sent as fast as `max_concurrency` allows. Per request: TTFT, TPOT (time per
-output token after the first), inter-token latencies and end-to-end latency. `stream_request` (one
-streamed completion or chat request, timed) is shared with the chat benchmark (W3, `chat.py`).
+output token after the first), inter-token latencies and end-to-end latency. `dashboard_viewers` readers
+of the server's step stream (conveyor's `/v1/engine/steps`, what each open dashboard reads) can run
+alongside, to measure what watching costs. `stream_request` (one streamed completion or chat request,
+timed) is shared with the chat benchmark (W3, `chat.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class ServeSettings:
     slo_tpot: float = 0.2
     max_tokens: int | None = None  # ask every request for this many tokens instead (same prompts): unloaded TTFT
     api_key: str | None = None
+    dashboard_viewers: int = 0  # step-stream readers open during the run
 
 
 def arrival_delays(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -123,6 +126,16 @@ async def first_model(client: httpx.AsyncClient) -> str:
                            "this lookup") from None
 
 
+async def _watch_steps(client: httpx.AsyncClient, received: list[int], viewer: int) -> None:
+    """One dashboard's worth of watching: read the step stream until cancelled, counting its bytes."""
+    async with client.stream("GET", "/v1/engine/steps") as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{client.base_url}/v1/engine/steps answered HTTP {response.status_code}; "
+                               "--dashboard-viewers needs a conveyor server with its dashboard on")
+        async for chunk in response.aiter_bytes():
+            received[viewer] += len(chunk)
+
+
 async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSettings) -> dict:
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -130,6 +143,8 @@ async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSetti
                                  limits=limits) as client:
         model = settings.model or await first_model(client)
         gate = asyncio.Semaphore(settings.max_concurrency or len(requests))
+        viewer_bytes = [0] * settings.dashboard_viewers
+        viewers = [asyncio.ensure_future(_watch_steps(client, viewer_bytes, i)) for i in range(len(viewer_bytes))]
 
         async def limited(request: BenchRequest) -> RequestResult:
             async with gate:
@@ -143,7 +158,12 @@ async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSetti
             await asyncio.sleep(delay)
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return summarize(results, duration, settings, model)
+        for viewer in viewers:
+            viewer.cancel()
+        for outcome in await asyncio.gather(*viewers, return_exceptions=True):
+            if isinstance(outcome, Exception):  # a cancelled viewer ends with CancelledError, not an Exception
+                raise RuntimeError(str(outcome))
+    return {**summarize(results, duration, settings, model), "dashboard_viewer_bytes": viewer_bytes}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -179,11 +199,14 @@ def format_summary(summary: dict) -> str:
         return (f"  {name:<5} mean {values['mean'] * 1000:8.1f}  p50 {values['p50'] * 1000:8.1f}  "
                 f"p90 {values['p90'] * 1000:8.1f}  p99 {values['p99'] * 1000:8.1f} ms")
 
+    viewer_bytes = summary.get("dashboard_viewer_bytes") or []
+    watched = [f"  {len(viewer_bytes)} dashboard viewers read {sum(viewer_bytes) / len(viewer_bytes) / 1e3:.0f} kB "
+               "of step stream each"] if viewer_bytes else []
     return "\n".join([
         f"rate {summary['settings']['request_rate']} req/s, burstiness {summary['settings']['burstiness']}: "
         f"{summary['completed']}/{summary['num_requests']} completed in {summary['duration_s']:.1f} s",
         f"  request throughput {summary['request_throughput']:.2f} req/s, output {summary['output_throughput']:.1f} "
         f"tok/s, goodput {summary['goodput']:.2f} req/s",
         row("TTFT", summary["ttft_s"]), row("TPOT", summary["tpot_s"]), row("ITL", summary["itl_s"]),
-        row("E2E", summary["e2e_s"]),
+        row("E2E", summary["e2e_s"]), *watched,
     ])

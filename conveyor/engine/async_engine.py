@@ -7,6 +7,10 @@ The engine is single-threaded. Adds and aborts reach it through a command queue 
 before every step, so they never race with a step and a new request joins the batch at the next step.
 Outputs go back to each request's asyncio queue with `call_soon_threadsafe`: the loop never waits on a
 client, and the event loop never waits on a step (torch releases the GIL inside its kernels).
+
+No request can stop the loop: an add that raises fails that request alone, and a step that raises fails
+the requests in flight (they shared the batch, so the culprit is unknown) and the loop goes on. Only a
+failure of the loop itself ends `run()`, with `error` set; the server then exits so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -19,16 +23,26 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.stats import StepStats
+from conveyor.engine.stats import QueueStats, StepStats
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 StepObserver = Callable[[StepStats, list[RequestOutput]], None]
+QueueObserver = Callable[[QueueStats], None]
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop is not running: nothing can be queued any more."""
+
+
+class StepFailedError(RuntimeError):
+    """An engine step raised while this request was in flight; the request is dropped."""
 
 
 @dataclass
@@ -39,9 +53,10 @@ class _Stream:
 
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, log_interval: float = 5.0, observer: StepObserver | None = None,
-                 start_thread: bool = True) -> None:
+                 start_thread: bool = True, queue_observer: QueueObserver | None = None) -> None:
         self.engine = engine
         self.observer = observer
+        self.queue_observer = queue_observer  # told after adds and aborts, so gauges need not wait for a step
         self.log_interval = log_interval
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -63,8 +78,9 @@ class AsyncLLM:
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its output stream. Invalid requests raise ValueError here, before
-        anything streams. Closing the stream early (cancelled, disconnected) aborts the request; a stream
-        that is never iterated must be aborted by the caller."""
+        anything streams; any other exception the engine raised while adding it is re-raised as is.
+        Closing the stream early (cancelled, disconnected) aborts the request; a stream that is never
+        iterated must be aborted by the caller."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._send("add", (request_id, prompt, params, stream, added))
@@ -92,8 +108,16 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    async def call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Run `function(engine)` in the engine thread between two steps and return its result."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", (function, done))
+        return await asyncio.wrap_future(done)
+
     def abort(self, request_id: str) -> None:
-        self._send("abort", request_id)
+        """Drop a request wherever it is (a no-op once it finished, or once the loop is gone)."""
+        if self.is_alive:
+            self._send("abort", request_id)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the loop (after its current step); safe to call from any thread."""
@@ -104,53 +128,106 @@ class AsyncLLM:
 
     def _send(self, command: str, payload: Any) -> None:
         if not self.is_alive:
-            raise RuntimeError("the engine loop is not running")
+            raise EngineDeadError("the engine loop is not running")
         self._commands.put((command, payload))
         self._wakeup.set()
 
     # ---- the engine thread --------------------------------------------------------------------
 
     def run(self) -> None:
-        """The engine loop, in the calling thread, until `shutdown()` (or until the engine fails)."""
+        """The engine loop, in the calling thread, until `shutdown()` (or until the loop itself fails)."""
         log = _StatsLog(self.log_interval)
         try:
             while not self._stopping:
-                self._drain_commands()
+                if self._drain_commands():
+                    self._observe_queue()
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                outputs, stats = self.engine.step()
+                try:
+                    outputs, stats = self.engine.step()
+                except Exception as error:
+                    logger.exception("an engine step failed; failing the %d requests in flight",
+                                     len(self._streams))
+                    self._fail_in_flight(StepFailedError(f"the engine step failed: {error!r}"))
+                    self._observe_queue()
+                    continue
                 for output in outputs:
                     self._deliver(output)
                 if stats is not None:
                     if self.observer is not None:
-                        self.observer(stats, outputs)
+                        self._observe(self.observer, stats, outputs)
                     log.add(stats)
-        except BaseException as error:  # keep the server answering: every stream learns what happened
+        except BaseException as error:
             logger.exception("the engine loop failed")
             self.error = error
+            dead = EngineDeadError(f"the engine loop failed: {error!r}")
             for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RuntimeError(f"engine failed: {error}"))
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
+            self._fail_queued_adds(dead)
 
-    def _drain_commands(self) -> None:
+    def _observe_queue(self) -> None:
+        if self.queue_observer is not None:
+            self._observe(self.queue_observer, self.engine.queue_stats())
+
+    @staticmethod
+    def _observe(observer: Callable[..., None], *args: Any) -> None:
+        try:
+            observer(*args)
+        except Exception:  # metrics are not worth the engine
+            logger.exception("a step observer failed")
+
+    def _drain_commands(self) -> int:
+        """Handle every queued add and abort; return how many there were."""
+        handled = 0
+        while True:
+            try:
+                command, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return handled
+            handled += 1
+            if command == "add":
+                self._add(*payload)
+            elif command == "abort":
+                self.engine.abort_request(payload)  # frees its KV blocks now
+                self._streams.pop(payload, None)  # its consumer is gone
+            elif command == "call":
+                function, done = payload
+                try:
+                    done.set_result(function(self.engine))
+                except Exception as error:
+                    done.set_exception(error)
+
+    def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: _Stream,
+             added: concurrent.futures.Future[None]) -> None:
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id)
+        except ValueError as error:  # the engine's word for a request that can never run: nothing was added
+            added.set_exception(error)
+            return
+        except Exception as error:
+            logger.exception("adding request %s failed", request_id)
+            self.engine.abort_request(request_id)  # in case it got as far as the scheduler
+            added.set_exception(error)
+            return
+        self._streams[request_id] = stream
+        added.set_result(None)
+
+    def _fail_in_flight(self, error: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        self._streams.clear()
+
+    def _fail_queued_adds(self, error: Exception) -> None:
         while True:
             try:
                 command, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command == "add":
-                request_id, prompt, params, stream, added = payload
-                try:
-                    self.engine.add_request(prompt, params, request_id=request_id)
-                except ValueError as error:
-                    added.set_exception(error)
-                    continue
-                self._streams[request_id] = stream
-                added.set_result(None)
-            elif command == "abort":
-                self.engine.abort_request(payload)  # frees its KV blocks now
-                self._streams.pop(payload, None)  # its consumer is gone
+            if command in ("add", "call"):  # their callers wait on a future: tell them
+                payload[-1].set_exception(error)
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
@@ -162,7 +239,6 @@ class AsyncLLM:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
         except RuntimeError:  # the caller's event loop is gone
             self._streams.pop(output.request_id, None)
-
 
 
 class _StatsLog:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import asdict
 
 from conveyor.config import EngineConfig
 from conveyor.engine.output_processor import OutputProcessor
@@ -18,7 +19,7 @@ from conveyor.engine.request import Request, RequestStatus
 from conveyor.engine.runner import ModelRunner
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.scheduler_output import SchedulerOutput
-from conveyor.engine.stats import ScheduledEntry, StepStats
+from conveyor.engine.stats import QueueStats, ScheduledEntry, StepStats
 from conveyor.engine.trace import StepTrace
 from conveyor.model.loader import load_model_weights, resolve_model_path
 from conveyor.outputs import RequestOutput
@@ -84,6 +85,13 @@ class LLMEngine:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._finished_since_last_step.append(self.output_processor.make_output(request))
 
+    def queue_stats(self) -> QueueStats:
+        """The queues and the KV pool now (the engine thread's view; other threads get the value)."""
+        kv_cache = self.scheduler.kv_cache
+        return QueueStats(num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                          kv_blocks_used=kv_cache.num_used_blocks, kv_blocks_cached=kv_cache.num_cached_blocks,
+                          kv_blocks_total=kv_cache.num_total_blocks)
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (running requests keep their blocks); returns how many blocks were
         findable."""
@@ -120,10 +128,7 @@ class LLMEngine:
             step_index=scheduled.step_index, start_time=started, duration=time.perf_counter() - started,
             prepare_seconds=result.prepare_seconds, forward_seconds=result.forward_seconds,
             sample_seconds=result.sample_seconds, scheduled=_entries(scheduled), num_generation_tokens=len(updated),
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            kv_blocks_used=self.scheduler.kv_cache.num_used_blocks, kv_blocks_total=self.runner.num_kv_blocks,
-            kv_blocks_cached=self.scheduler.kv_cache.num_cached_blocks,
-            prefix_cache_queries=scheduled.num_prefix_cache_queries,
+            **asdict(self.queue_stats()), prefix_cache_queries=scheduled.num_prefix_cache_queries,
             prefix_cache_hits=scheduled.num_prefix_cache_hits,
             preempted=list(scheduled.preempted_request_ids), finished=finished_ids)
         if self.trace is not None:

@@ -17,6 +17,22 @@ class ScheduledEntry:
 
 
 @dataclass(frozen=True)
+class QueueStats:
+    """The queues and the KV pool as they stand: after a step, or after adds and aborts between steps."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_total: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool owned by requests (0 to 1)."""
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+
+@dataclass(frozen=True)
 class StepStats:
     """What one step did and the state it left: tokens and requests by kind, queues, KV blocks, timings."""
 

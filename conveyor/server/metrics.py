@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from conveyor.engine.stats import StepStats
+from conveyor.engine.stats import QueueStats, StepStats
 from conveyor.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -48,12 +48,17 @@ class ServerMetrics:
         self.model_name = model_name
         self._last_token_time: dict[str, float] = {}
 
+    def observe_queue(self, queue: QueueStats | StepStats) -> None:
+        """Called by the engine thread after every step and after adds and aborts, so an aborted request
+        leaves the gauges at once rather than at the next step (which may never come when it was the last)."""
+        self.num_running.set(queue.num_running)
+        self.num_waiting.set(queue.num_waiting)
+        self.kv_cache_usage.set(queue.kv_cache_usage)
+
     def observe_step(self, stats: StepStats, outputs: list[RequestOutput]) -> None:
         """Called by the engine thread after every step that ran."""
         now = time.monotonic()
-        self.num_running.set(stats.num_running)
-        self.num_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.observe_queue(stats)
         self.preemptions.inc(len(stats.preempted))
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)

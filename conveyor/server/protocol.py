@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+# Lone UTF-16 surrogates: valid in JSON escapes (and so in Python strings), but not Unicode scalar values,
+# so no tokenizer can encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def invalid_unicode_path(value: Any) -> str | None:
+    """The dotted path (surrogates escaped) of the first string or key in a parsed JSON value that holds a
+    lone surrogate. Iterative: a deeply nested body must not exhaust the stack."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return _escaped(path)
+            continue
+        if isinstance(item, dict):
+            children: Any = item.items()
+        else:
+            children = enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            child_path = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return _escaped(child_path)
+            pending.append((child_path, child))
+    return None
+
+
+class _UnicodeChecked(BaseModel):
+    """A request body whose every string must be valid Unicode text (checked once, on the raw body)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_lone_surrogates(cls, data: Any) -> Any:
+        path = invalid_unicode_path(data)
+        if path is not None:
+            raise PydanticCustomError("invalid_unicode", "{field}: not valid Unicode text (a lone surrogate)",
+                                      {"field": path})
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_UnicodeChecked):
     """Fields shared by completions and chat, with vLLM's common extensions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -60,22 +105,29 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_UnicodeChecked):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_UnicodeChecked):
     model: str | None = None
     tokens: list[int]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, whatever its status."""
+
+    error: ErrorDetail
 
 
 def new_id(prefix: str) -> str:
@@ -87,4 +139,7 @@ def now() -> int:
 
 
 def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+    """The OpenAI error object. Message and param may quote the client's input: lone surrogates in it are
+    escaped, or the answer itself could not be encoded."""
+    return {"error": {"message": _escaped(message), "type": error_type,
+                      "param": None if param is None else _escaped(param), "code": status}}

@@ -1,0 +1,213 @@
+"""What completions and chat share: admission, fanning a request out into engine requests, collecting
+their finals, the one server-sent-events writer and the one usage block.
+
+A serving object (`completions.py`, `chat.py`) turns a parsed request into engine requests and their
+outputs into OpenAI shapes; the routes in `app.py` only parse, call it and return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from conveyor.engine.async_engine import AsyncLLM
+from conveyor.engine.parallel_sampling import ParentRequest
+from conveyor.outputs import RequestOutput
+from conveyor.sampling_params import SamplingParams
+from conveyor.server.admission import Admission, QueueFullError, RequestGroup, wait_for_disconnect
+from conveyor.server.errors import APIError
+from conveyor.server.middleware import REQUEST_ID_KEY, GuardSettings
+from conveyor.server.protocol import SamplingFields, error_body
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    # Engine requests (prompts x n) admitted and unfinished may exceed the batch's seats by at most this
+    # many; beyond it, 429. None: no limit.
+    max_queue_len: int | None = None
+    max_choices_per_request: int = 64  # prompts x n in one HTTP request: its cap on work
+
+
+def usage_block(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts prompt tokens from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class UsageCounter:
+    """Usage summed over a request's choices as their outputs arrive; each prompt is counted once."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.completion_tokens = 0
+        self._prompts: dict[int, tuple[int, int]] = {}  # prompt index -> (tokens, cached tokens)
+
+    def add(self, choice_index: int, output: RequestOutput, new_tokens: int) -> None:
+        self.completion_tokens += new_tokens
+        self._prompts.setdefault(choice_index // self.n, (len(output.prompt_token_ids), output.num_cached_tokens))
+
+    def block(self) -> dict[str, Any]:
+        return usage_block(sum(p for p, _ in self._prompts.values()), self.completion_tokens,
+                           sum(c for _, c in self._prompts.values()))
+
+
+def finals_usage(finals: list[RequestOutput], n: int) -> dict[str, Any]:
+    counter = UsageCounter(n)
+    for index, final in enumerate(finals):
+        counter.add(index, final, len(final.outputs[0].token_ids))
+    return counter.block()
+
+
+class GenerationServing:
+    """The engine side of a generation request, shared by completions and chat."""
+
+    def __init__(self, llm: AsyncLLM, settings: ServerSettings, admission: Admission) -> None:
+        self.llm = llm
+        self.settings = settings
+        self.admission = admission  # shared by every endpoint: one queue limit
+        self.engine = llm.engine
+        self.tokenizer = llm.engine.tokenizer
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", "not_found_error", "model")
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        n: int) -> SamplingParams:
+        # A top_k beyond the vocabulary filters nothing; as given, a huge one would overflow in the sampler.
+        top_k = body.top_k if body.top_k < self.engine.model_config.vocab_size else -1
+        try:
+            return SamplingParams(
+                n=n, temperature=body.temperature, top_p=body.top_p, top_k=top_k, min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens,
+                min_tokens=body.min_tokens, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],
+                ignore_eos=body.ignore_eos, logprobs=logprobs)
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+
+    async def start(self, parent: ParentRequest) -> RequestGroup:
+        """Admit and queue every engine request of `parent`; all validated before any output is produced.
+        The caller must close the group (it aborts whatever has not finished)."""
+        children = parent.children()
+        count, limit = len(children), self.admission.limit
+        if count > self.settings.max_choices_per_request:
+            raise APIError(400, f"{len(parent.prompts)} prompts x n={parent.params.n} is {count} sequences; at "
+                                f"most {self.settings.max_choices_per_request} are allowed per request", param="n")
+        if limit is not None and count > limit:
+            raise APIError(400, f"{count} sequences can never be admitted: the server takes at most {limit} "
+                                "at once", param="n")
+        try:
+            release = self.admission.admit(count)
+        except QueueFullError as error:
+            raise APIError(429, f"the server is busy: {error}", "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        group = RequestGroup(self.llm, release)
+        try:
+            await group.add([(child.prompt, child.params, child.request_id) for child in children])
+        except ValueError as error:
+            group.close()
+            raise APIError(400, str(error)) from None
+        except BaseException:
+            group.close()
+            raise
+        return group
+
+    async def collect(self, group: RequestGroup, request: Request) -> list[RequestOutput]:
+        """Every request's final output, closing the group; if the client hangs up first, 499."""
+        finals = asyncio.ensure_future(group.finals())
+        hangup = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait([finals, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not finals.done():
+                finals.cancel()
+            await asyncio.gather(finals, hangup, return_exceptions=True)
+            group.close()
+        if finals.cancelled():
+            raise APIError(499, "client disconnected")
+        return finals.result()
+
+
+ChunkRenderer = Callable[[int, RequestOutput], "dict[str, Any] | None"]
+
+
+async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any], n: int,
+                     render: ChunkRenderer, include_usage: bool,
+                     opening: Iterable[dict[str, Any]] = ()) -> AsyncIterator[str]:
+    """The one server-sent-events writer: `opening` chunks, then each output rendered as a chunk's choice
+    (`render` returns None to send nothing for it), the usage chunk if asked for, and `[DONE]`. A failure
+    after the 200 went out becomes an error event, as vLLM sends it."""
+    for chunk in opening:
+        yield _sse(chunk)
+    usage = UsageCounter(n)
+    async for index, output in merge_streams(group.streams):
+        if isinstance(output, Exception):
+            yield _sse_error(output, request)
+            break
+        usage.add(index, output, len(output.delta_token_ids))
+        choice = render(index, output)
+        if choice is not None:
+            yield _sse({**base, "choices": [choice]})
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": usage.block()})
+    yield "data: [DONE]\n\n"
+
+
+def finish_reason(output: RequestOutput) -> str | None:
+    reason = output.outputs[0].finish_reason
+    return None if reason is None else ("stop" if reason == "abort" else reason)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _sse_error(error: Exception, request: Request) -> str:
+    request_id = request.scope.get(REQUEST_ID_KEY, "unknown")
+    logger.error("request %s failed mid-stream: %r", request_id, error)
+    return _sse(error_body(f"internal error (request id {request_id})", "internal_server_error", 500))
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
+                        ) -> AsyncIterator[tuple[int, RequestOutput | Exception]]:
+    """Interleave several requests' outputs as they come, tagged with their choice index; a stream that
+    fails yields its exception, and the caller stops there."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except Exception as error:
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+            else:
+                yield index, output
+    finally:
+        for task in tasks:
+            task.cancel()  # a stream cancelled mid-way aborts its request
+        await asyncio.gather(*tasks, return_exceptions=True)
+
