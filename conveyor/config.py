@@ -217,11 +217,12 @@ class EngineConfig:
             raise ValueError(f"config file {path}: {error}") from None
 
 
-_JSON_TYPES = {"int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),)}
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
 
 
 def _type_accepts(annotation: str, value: Any) -> bool:
     """Whether a JSON value fits a field annotation such as 'int | None' or 'str | int'."""
-    accepted = tuple(t for part in annotation.split("|") for t in _JSON_TYPES[part.strip()])
+    # NOTE: a type JSON has no name for is left to the field's own validation in __post_init__.
+    accepted = tuple(t for part in annotation.split("|") for t in _JSON_TYPES.get(part.strip(), (object,)))
     # NOTE: bool is an int subclass in Python; `true` is no block size.
     return isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)
