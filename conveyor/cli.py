@@ -1,4 +1,4 @@
-"""`conveyor serve | generate | bench`: the command line. This module only dispatches to the subcommands,
+"""`conveyor serve | generate | bench | tune`: the command line. This module only dispatches to the subcommands,
 each of which registers its own flags; nothing imports it."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 from conveyor.bench.cli import register as register_bench
 from conveyor.generate import register as register_generate
 from conveyor.server.cli import register as register_serve
+from conveyor.tune.cli import register as register_tune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_generate(sub)
     register_serve(sub)
     register_bench(sub)
+    register_tune(sub)
     return parser
 
 

@@ -8,9 +8,11 @@ capacity* (how many tokens of context all running requests may hold at once).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 QUANTIZATION_METHODS = ("int8",)  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
@@ -105,6 +107,8 @@ class EngineConfig:
     max_num_seqs: int = _knob(64, "cap on requests running at once")
     max_num_batched_tokens: int = _knob(1024, "per-step compute budget in tokens; prompts longer than this "
                                               "are chunked")
+    prefill_chunk_share: int = _knob(4, "while a waiting request could take a free seat, one prompt chunk "
+                                        "first gets 1/N of max_num_batched_tokens (1: no cap)")
     max_model_len: int | None = _knob(None, "per-request context limit, prompt + output (default: min(model "
                                             f"limit, {DEFAULT_MAX_MODEL_LEN}))")
     block_size: int = _knob(16, "tokens per KV-cache block")
@@ -125,7 +129,8 @@ class EngineConfig:
     enable_step_trace: bool = _knob(True, "record every step (memory grows with load)", cli=False)
 
     def __post_init__(self) -> None:
-        at_least_one = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "num_threads")
+        at_least_one = ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_share", "block_size",
+                        "num_kv_blocks", "num_threads")
         for name in at_least_one:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -157,22 +162,73 @@ class EngineConfig:
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field, named, typed and documented from the field."""
+        """One flag per field, named, typed and documented from the field, and `--config FILE`.
+
+        NOTE: the flags default to "not given" (argparse.SUPPRESS), so `from_cli_args` can let flags on the
+        command line win over a config file, and the file over the fields' defaults.
+        """
         group = parser.add_argument_group("engine")
+        group.add_argument("--config", default=None, metavar="FILE",
+                           help="a JSON file of engine settings (keys are these flags' names with '_', as "
+                                "`conveyor tune` writes them); flags given here win over it")
         for knob in fields(cls):
             if not knob.metadata.get("cli"):
                 continue
             flag, help_text = f"--{knob.name.replace('_', '-')}", knob.metadata["help"]
+            default_text = "" if knob.default is None else f" (default {knob.default})"
             if str(knob.type) == "bool":  # --flag / --no-flag
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=knob.default,
-                                   help=help_text)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help_text + default_text)
                 continue
             kind = int if str(knob.type).startswith("int") else str
-            default_text = "" if knob.default is None else " (default %(default)s)"
-            group.add_argument(flag, type=kind, default=knob.default, choices=knob.metadata["choices"],
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=knob.metadata["choices"],
                                help=help_text + default_text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
-        values = {knob.name: getattr(args, knob.name) for knob in fields(cls) if knob.metadata.get("cli")}
-        return cls(**{**values, **overrides})
+        """The fields' defaults, under the `--config` file's values, under the flags given, under `overrides`."""
+        given = {knob.name: getattr(args, knob.name) for knob in fields(cls)
+                 if knob.metadata.get("cli") and hasattr(args, knob.name)}
+        config_file = getattr(args, "config", None)
+        if config_file is not None:
+            return cls.from_file(config_file, **given, **overrides)
+        return cls(**{**given, **overrides})
+
+    @classmethod
+    def file_values(cls, path: str | Path) -> dict[str, Any]:
+        """The knobs a JSON config file sets (keys are field names), each checked for its type; unknown keys
+        and bad values raise ValueError naming the key. Ranges are checked when a config is built."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"config file {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path}: expected a JSON object of engine settings")
+        knobs = {knob.name: knob for knob in fields(cls)}
+        for key, value in values.items():
+            if key not in knobs:
+                raise ValueError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(knobs)}")
+            if not _type_accepts(str(knobs[key].type), value):
+                raise ValueError(f"config file {path}: {key} must be {knobs[key].type}, got {value!r}")
+        return values
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> EngineConfig:
+        """A config from a JSON file (`conveyor tune` writes one); `overrides` win over the file. Unknown
+        keys and bad or out-of-range values raise ValueError naming the file and the key."""
+        values = {**cls.file_values(path), **overrides}
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"config file {path}: {error}") from None
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def _type_accepts(annotation: str, value: Any) -> bool:
+    """Whether a JSON value fits a field annotation such as 'int | None' or 'str | int'."""
+    # NOTE: a type JSON has no name for is left to the field's own validation in __post_init__.
+    accepted = tuple(t for part in annotation.split("|") for t in _JSON_TYPES.get(part.strip(), (object,)))
+    # NOTE: bool is an int subclass in Python; `true` is no block size.
+    return isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)

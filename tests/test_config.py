@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_every_knob_has_a_flag_with_its_help_and_the_flags_round_trip() -> None:
     EngineConfig.add_cli_args(parser)
     flags = {action.dest: action for action in parser._actions if action.dest != "help"}
     knobs = {f.name for f in dataclasses.fields(EngineConfig) if f.metadata["cli"]}
-    assert set(flags) == knobs and "enable_step_trace" not in flags
+    assert set(flags) == knobs | {"config"} and "enable_step_trace" not in flags
     assert all(flags[name].help for name in knobs)
     args = parser.parse_args(["--max-num-seqs", "8", "--kv-cache-memory", "1GiB", "--quantization", "int8"])
     config = EngineConfig.from_cli_args(args, enable_step_trace=False)
@@ -53,3 +54,47 @@ def test_configs_are_immutable_and_resolution_fills_every_derived_default() -> N
         EngineConfig(max_model_len=1024).resolved("m", _model(max_positions=512))
     with pytest.raises(ValueError, match="holds no block"):
         EngineConfig(kv_cache_memory=100).resolved("m", _model())
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    EngineConfig.add_cli_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_a_config_file_sets_knobs_under_the_flags_given(tmp_path) -> None:
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"max_num_seqs": 16, "max_num_batched_tokens": 256, "prefill_chunk_share": 2,
+                                "enable_prefix_caching": False, "kv_cache_memory": "512MiB"}))
+    config = EngineConfig.from_cli_args(_parse("--config", str(path), "--max-num-seqs", "64"))
+    # NOTE: 64 is also the default: a flag given on the command line wins even when it repeats the default.
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk_share) == (64, 256, 2)
+    assert config.enable_prefix_caching is False and config.kv_cache_memory == "512MiB"
+    assert EngineConfig.from_file(path) == EngineConfig(max_num_seqs=16, max_num_batched_tokens=256,
+                                                        prefill_chunk_share=2, enable_prefix_caching=False,
+                                                        kv_cache_memory="512MiB")
+    assert EngineConfig.from_cli_args(_parse()) == EngineConfig()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"max_num_seq": 8}, "unknown key 'max_num_seq'"),
+    ({"max_num_seqs": 0}, "max_num_seqs must be at least 1"),
+    ({"prefill_chunk_share": -1}, "prefill_chunk_share must be at least 1"),
+    ({"max_num_batched_tokens": "1024"}, "max_num_batched_tokens must be int"),
+    ({"block_size": True}, "block_size must be int"),
+    ({"dtype": "float64"}, "dtype must be"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_config_files_are_refused_naming_the_key(tmp_path, content: object, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message) as error:
+        EngineConfig.from_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_config_file_that_is_not_json_is_refused(tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("max_num_seqs: 8")
+    with pytest.raises(ValueError, match="bad.json"):
+        EngineConfig.from_file(path)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from conveyor.bench.serve import ServeSettings
 
 
-def _add_workload_args(parser: argparse.ArgumentParser, seed: int, num_requests: int) -> None:
+def add_workload_args(parser: argparse.ArgumentParser, seed: int, num_requests: int) -> None:
     group = parser.add_argument_group("workload (W1 generator)")
     group.add_argument("--seed", type=int, default=seed)
     group.add_argument("--num-requests", type=int, default=num_requests)
@@ -29,12 +29,39 @@ def _add_workload_args(parser: argparse.ArgumentParser, seed: int, num_requests:
     group.add_argument("--bos-id", type=int, default=2)
 
 
-def _workload(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def workload_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from conveyor.bench.workloads import w1_requests
 
     return w1_requests(seed=args.seed, num_requests=args.num_requests, min_input=args.min_input,
                        max_input=args.max_input, min_output=args.min_output, max_output=args.max_output,
                        bos_id=args.bos_id, token_ids=tuple(args.token_id_range))
+
+
+def add_chat_workload_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload (W3 generator)")
+    group.add_argument("--seed", type=int, default=7)
+    group.add_argument("--num-conversations", type=int, default=16)
+    group.add_argument("--num-system-prompts", type=int, default=3)
+    group.add_argument("--system-words", type=int, default=400, help="words in each shared system prompt")
+    group.add_argument("--user-words", nargs=2, type=int, default=[30, 80], metavar=("MIN", "MAX"),
+                       help="words in each new user message")
+    group.add_argument("--answer-tokens", nargs=2, type=int, default=[30, 150], metavar=("MIN", "MAX"),
+                       help="tokens generated for each answer (exactly: EOS ignored)")
+    group.add_argument("--min-turns", type=int, default=3)
+    group.add_argument("--max-turns", type=int, default=6)
+    group.add_argument("--conversation-rate", type=float, default=0.5, help="new conversations per second")
+    group.add_argument("--think-time", type=float, default=2.0, help="mean seconds between a conversation's turns")
+
+
+def conversations_from_args(args: argparse.Namespace, conversation_rate: float | None = None):  # type: ignore[no-untyped-def]
+    """The W3 conversations the flags describe (at `conversation_rate` instead of the flag's, if given)."""
+    from conveyor.bench.workloads import w3_conversations
+
+    return w3_conversations(
+        seed=args.seed, num_conversations=args.num_conversations, num_system_prompts=args.num_system_prompts,
+        system_words=args.system_words, min_turns=args.min_turns, max_turns=args.max_turns,
+        user_words=tuple(args.user_words), answer_tokens=tuple(args.answer_tokens),
+        conversation_rate=conversation_rate or args.conversation_rate, mean_think_time=args.think_time)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -50,7 +77,7 @@ def _throughput(args: argparse.Namespace) -> int:
     from conveyor.bench.throughput import peak_rss_bytes, run_continuous, run_static
     from conveyor.engine.engine import LLMEngine
 
-    requests = _workload(args)
+    requests = workload_from_args(args)
     config = EngineConfig.from_cli_args(args)
     config = dataclasses.replace(config, max_num_seqs=max(config.max_num_seqs, *args.static_batch_sizes))
 
@@ -147,7 +174,7 @@ def _run_serve_benchmark(args: argparse.Namespace, settings: ServeSettings, comm
     from conveyor.bench.serve import run_serve_benchmark
 
     try:
-        return asyncio.run(run_serve_benchmark(_workload(args), settings))
+        return asyncio.run(run_serve_benchmark(workload_from_args(args), settings))
     except RuntimeError as error:
         raise SystemExit(f"conveyor bench {command}: {error}") from None
 
@@ -189,13 +216,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from conveyor.bench.chat import format_chat_summary, run_chat_benchmark
     from conveyor.bench.serve import ServeSettings
-    from conveyor.bench.workloads import w3_conversations
 
-    conversations = w3_conversations(
-        seed=args.seed, num_conversations=args.num_conversations, num_system_prompts=args.num_system_prompts,
-        system_words=args.system_words, min_turns=args.min_turns, max_turns=args.max_turns,
-        user_words=tuple(args.user_words), answer_tokens=tuple(args.answer_tokens),
-        conversation_rate=args.conversation_rate, mean_think_time=args.think_time)
+    conversations = conversations_from_args(args)
     settings = ServeSettings(base_url=args.base_url.rstrip("/"), model=args.model_name, seed=args.seed,
                              slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, api_key=args.api_key)
     try:
@@ -230,7 +252,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     throughput = bench.add_parser("throughput", help="W1 offline throughput: continuous vs static batching "
                                   "(conveyor's own static mode, and transformers' padded generate)")
-    _add_workload_args(throughput, seed=1234, num_requests=64)
+    add_workload_args(throughput, seed=1234, num_requests=64)
     throughput.add_argument("--modes", nargs="+", default=["continuous", "static"],
                             choices=["continuous", "continuous-int8", "static", "hf", "hf-continuous"],
                             help="continuous-int8: continuous batching on a second engine with int8 linears; "
@@ -246,7 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     for name, handler, help_text in (("serve", _serve, "W2 online benchmark against an OpenAI-compatible server"),
                                      ("sweep", _sweep, "the serve benchmark over request rates or concurrencies")):
         parser = bench.add_parser(name, help=help_text)
-        _add_workload_args(parser, seed=42, num_requests=64)
+        add_workload_args(parser, seed=42, num_requests=64)
         parser.add_argument("--base-url", default="http://127.0.0.1:8000")
         parser.add_argument("--model-name", default=None, help="default: the server's first model")
         parser.add_argument("--api-key", default=None)
@@ -274,18 +296,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     chat.add_argument("--base-url", default="http://127.0.0.1:8000")
     chat.add_argument("--model-name", default=None, help="default: the server's first model")
     chat.add_argument("--api-key", default=None)
-    chat.add_argument("--seed", type=int, default=7)
-    chat.add_argument("--num-conversations", type=int, default=16)
-    chat.add_argument("--num-system-prompts", type=int, default=3)
-    chat.add_argument("--system-words", type=int, default=400, help="words in each shared system prompt")
-    chat.add_argument("--user-words", nargs=2, type=int, default=[30, 80], metavar=("MIN", "MAX"),
-                      help="words in each new user message")
-    chat.add_argument("--answer-tokens", nargs=2, type=int, default=[30, 150], metavar=("MIN", "MAX"),
-                      help="tokens generated for each answer (exactly: EOS ignored)")
-    chat.add_argument("--min-turns", type=int, default=3)
-    chat.add_argument("--max-turns", type=int, default=6)
-    chat.add_argument("--conversation-rate", type=float, default=0.5, help="new conversations per second")
-    chat.add_argument("--think-time", type=float, default=2.0, help="mean seconds between a conversation's turns")
+    add_chat_workload_args(chat)
     chat.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on TTFT, seconds")
     chat.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on TPOT, seconds")
     chat.add_argument("--output", default="bench_results/chat.json")

@@ -10,7 +10,7 @@ spends a budget of `max_num_batched_tokens` tokens bringing computed counts up t
 3. Budget still left goes back, oldest first, to prompt chunks that passes 1 and 2 held short.
 
 Any prompt may be chunked across steps. While a waiting request could take a free seat, passes 1 and 2 give
-one prompt chunk at most 1/PREFILL_CHUNK_SHARE of the budget. Without that cap a 2,000-token prompt under a
+one prompt chunk at most 1/`prefill_chunk_share` of the budget. Without that cap a 2,000-token prompt under a
 256-token budget takes every token of eight steps, and a ten-token request behind it waits for all of them
 (head-of-line blocking); with it, the short request is admitted at the next step and samples in it. Pass 3
 returns whatever admission did not use, so the cap never leaves the machine idle.
@@ -40,15 +40,12 @@ from conveyor.engine.scheduler_output import NewRequestData, ScheduledRequest, S
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_SHARE = 4  # while a waiting request could take a free seat, a chunk first gets 1/4 of budget
-
-
 class Scheduler:
     def __init__(self, config: EngineConfig, num_kv_blocks: int, max_model_len: int) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.prefill_chunk_cap = max(1, config.max_num_batched_tokens // PREFILL_CHUNK_SHARE)
+        self.prefill_chunk_cap = max(1, config.max_num_batched_tokens // config.prefill_chunk_share)
         self.kv_cache = KVCacheManager(num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest, preempted first, is last

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from conveyor.config import EngineConfig
+from conveyor.workload_trace import TraceRecorder
 
 if TYPE_CHECKING:
     from conveyor.engine.async_engine import StepObserver
@@ -38,11 +39,17 @@ def _serve(args: argparse.Namespace) -> int:
     from conveyor.server.middleware import GuardSettings
     from conveyor.server.step_stream import StepStream
 
-    engine = LLMEngine(EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace))
+    try:
+        config = EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace)
+    except ValueError as error:  # a bad --config file: its key, not a traceback
+        raise SystemExit(f"conveyor serve: {error}") from None
+    engine = LLMEngine(config)
     model_name = args.served_model_name or Path(engine.model_path).stem
     metrics = ServerMetrics(model_name)
     step_stream = None if args.no_dashboard else StepStream()
     observers = [metrics.observe_step] + ([step_stream.observe] if step_stream else [])
+    if args.record_trace:
+        observers.append(TraceRecorder(args.record_trace).observe)
     llm = AsyncLLM(engine, log_interval=args.log_interval, observer=_each(observers), start_thread=False,
                    queue_observer=metrics.observe_queue)
     guard = GuardSettings(api_key=args.api_key, public_metrics=args.public_metrics,
@@ -113,5 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--no-dashboard", action="store_true",
                        help="serve neither /dashboard nor its step stream /v1/engine/steps")
     serve.add_argument("--step-trace", action="store_true", help="record the step trace (memory grows with load)")
+    serve.add_argument("--record-trace", default=None, metavar="FILE",
+                       help="append each finished request's arrival time, prompt and output lengths and shared "
+                            "prefix (no text) to FILE as JSON lines, for `conveyor tune --trace`")
     EngineConfig.add_cli_args(serve)
     serve.set_defaults(handler=_serve)

@@ -1,0 +1,151 @@
+"""A step's cost from what the scheduler knows: features of a step's shape, and a linear model over them.
+
+A step's shape is, per scheduled request, where its new tokens start, how many there are and whether it
+samples; the scheduler's `SchedulerOutput` says exactly that, so the simulator prices its steps with no
+model run, and the profiler gets the same shapes from the real engine's steps. The features follow where
+the time goes in `conveyor.model`: the flat projections and MLP scale with tokens, the lm_head with
+sampled rows, decode attention with the keys each decode group gathers (padded to its longest row, one
+batched call per group), prefill attention with each chunk's queries times the keys it sees, on each
+kind of layer (full context or sliding window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from conveyor.config import ModelConfig
+from conveyor.engine.scheduler_output import SchedulerOutput
+
+FEATURES = ("step", "tokens", "sampled", "decode_rows", "decode_groups", "decode_keys", "prefill_chunks",
+            "prefill_keys")
+DECODE_GROUP_SLACK = 1.3  # as conveyor.model.attention groups decode rows: within 1.3x of the group's longest
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """One request in a step: `num_new` tokens at positions start..start+num_new-1."""
+
+    start: int
+    num_new: int
+    samples: bool
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What decides attention work: the block size and the layers of each kind."""
+
+    block_size: int
+    num_full_layers: int
+    num_sliding_layers: int = 0
+    sliding_window: int | None = None
+
+    @classmethod
+    def of(cls, model: ModelConfig, block_size: int) -> AttentionShape:
+        sliding = sum(1 for layer in range(model.num_layers) if model.is_sliding(layer))
+        return cls(block_size, model.num_layers - sliding, sliding, model.sliding_window if sliding else None)
+
+
+def rows_of(output: SchedulerOutput) -> list[RowShape]:
+    return [RowShape(s.start, s.num_new_tokens, s.samples) for s in output.scheduled]
+
+
+def _visible_blocks(length: int, block_size: int, window: int | None) -> int:
+    first_key = 0 if window is None else max(0, length - window)
+    return -(-length // block_size) - first_key // block_size
+
+
+def _decode_work(lengths: list[int], block_size: int, window: int | None) -> tuple[int, int]:
+    """(groups, gathered keys) for decode rows whose contexts are `lengths` tokens long."""
+    groups: list[list[int]] = []  # visible blocks per row, longest first
+    for blocks in sorted((_visible_blocks(n, block_size, window) for n in lengths), reverse=True):
+        if not groups or groups[-1][0] > DECODE_GROUP_SLACK * blocks + 1:
+            groups.append([])
+        groups[-1].append(blocks)
+    return len(groups), sum(len(group) * group[0] * block_size for group in groups)
+
+
+def _prefill_keys(rows: Iterable[RowShape], window: int | None) -> int:
+    """Queries times visible keys over the prefill chunks (each chunk's mask)."""
+    total = 0
+    for row in rows:
+        first_key = 0 if window is None else max(0, row.start - window + 1)
+        total += row.num_new * (row.start + row.num_new - first_key)
+    return total
+
+
+def step_features(rows: Sequence[RowShape], shape: AttentionShape) -> np.ndarray:
+    """The feature vector (in FEATURES order) of a step; attention terms are averaged over the layers."""
+    decodes = [row.start + 1 for row in rows if row.num_new == 1]
+    prefills = [row for row in rows if row.num_new > 1]
+    kinds = [(shape.num_full_layers, None)]
+    if shape.num_sliding_layers:
+        kinds.append((shape.num_sliding_layers, shape.sliding_window))
+    num_layers = shape.num_full_layers + shape.num_sliding_layers
+    groups = keys = prefill_keys = 0.0
+    for count, window in kinds:
+        kind_groups, kind_keys = _decode_work(decodes, shape.block_size, window) if decodes else (0, 0)
+        groups += count * kind_groups / num_layers
+        keys += count * kind_keys / num_layers
+        prefill_keys += count * _prefill_keys(prefills, window) / num_layers
+    return np.array([1.0, sum(row.num_new for row in rows), sum(1 for row in rows if row.samples),
+                     len(decodes), groups, keys, len(prefills), prefill_keys])
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step seconds = the coefficients (one per feature, never negative) times the step's features."""
+
+    shape: AttentionShape
+    coefficients: tuple[float, ...]
+
+    def step_seconds(self, rows: Sequence[RowShape]) -> float:
+        return float(np.dot(self.coefficients, step_features(rows, self.shape)))
+
+    def to_dict(self) -> dict:
+        return {"shape": asdict(self.shape), "coefficients": dict(zip(FEATURES, self.coefficients))}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CostModel:
+        return cls(AttentionShape(**data["shape"]), tuple(float(data["coefficients"][f]) for f in FEATURES))
+
+
+def fit_cost_model(steps: Sequence[Sequence[RowShape]], seconds: Sequence[float], shape: AttentionShape,
+                   outlier_factor: float = 4.0) -> CostModel:
+    """Least squares on relative error (a 20 ms decode step matters as much as a 1 s prefill), keeping
+    every coefficient non-negative. Then once more without the steps the first fit misses by more than
+    `outlier_factor` times its median miss: on a shared machine a few steps stall for reasons no feature
+    explains (another process took the core), and they would drag every coefficient."""
+    features = np.stack([step_features(rows, shape) for rows in steps])
+    targets = np.asarray(seconds, dtype=float)
+    coefficients = _fit_non_negative(features, targets)
+    misses = np.abs(features @ coefficients - targets) / np.maximum(targets, 1e-9)
+    kept = misses <= outlier_factor * max(float(np.median(misses)), 1e-3)
+    if not kept.all() and kept.sum() >= len(FEATURES):
+        coefficients = _fit_non_negative(features[kept], targets[kept])
+    return CostModel(shape, tuple(float(c) for c in coefficients))
+
+
+def _fit_non_negative(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """A feature whose coefficient comes out negative is dropped and the rest refit."""
+    weights = 1.0 / np.maximum(targets, 1e-6)
+    scale = np.maximum(features.max(axis=0), 1e-12)  # columns of ~1 keep lstsq well conditioned
+    active = [i for i in range(features.shape[1]) if features[:, i].any()]
+    while True:
+        solution, *_ = np.linalg.lstsq(features[:, active] / scale[active] * weights[:, None], targets * weights,
+                                       rcond=None)
+        negative = [index for index, value in zip(active, solution) if value < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda i: solution[active.index(i)]))
+    coefficients = np.zeros(features.shape[1])
+    coefficients[active] = solution / scale[active]
+    return coefficients
+
+
+def relative_errors(model: CostModel, steps: Sequence[Sequence[RowShape]], seconds: Sequence[float]) -> np.ndarray:
+    predicted = np.array([model.step_seconds(rows) for rows in steps])
+    actual = np.asarray(seconds, dtype=float)
+    return np.abs(predicted - actual) / np.maximum(actual, 1e-9)

@@ -1,0 +1,222 @@
+"""Profile the real step cost on this machine and model, fit the cost model, and keep it as a small JSON file.
+
+Calibration runs the real `LLMEngine` on random-id prompts (greedy, EOS ignored) in four families of
+steps: decode batches of 1 .. max_num_seqs rows at several context lengths, single prompt chunks of
+several sizes, chunks that start after a cached prefix, and mixed steps (a prompt chunk joining running
+decodes). Decode rows at long contexts are cheap to reach: the rows of a batch share all but their last
+block of prompt, so the prefix cache computes it once (decode attention still gathers every row's keys).
+Every step's shape comes from the engine's own counters, its time from its `StepStats.duration`; every
+fifth step is held out of the fit to report the model's error on steps it never saw.
+
+The profile is keyed by the model file, dtype, quantization, thread count and machine, and reused until
+one of them changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from conveyor.cache import atomic_write_path, cache_dir, file_fingerprint
+from conveyor.config import EngineConfig, ModelConfig, available_cpu_count
+from conveyor.engine.engine import LLMEngine
+from conveyor.engine.request import Request
+from conveyor.model.loader import resolve_model_path
+from conveyor.sampling_params import SamplingParams
+from conveyor.tune.cost_model import AttentionShape, CostModel, RowShape, fit_cost_model, relative_errors
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_EVERY = 5  # every fifth calibration step is kept out of the fit to measure its error
+DECODE_STEPS = 4  # decode steps measured per (batch, context) point
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    context_lens: tuple[int, ...] = (64, 512, 2048)
+    chunk_sizes: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048)
+    mixed_decodes: tuple[int, ...] = (4, 32)  # decode rows beside a joining prompt chunk
+    repeats: int = 2
+
+    def quick(self) -> CalibrationPlan:
+        """A shorter plan for a loaded machine or a test: fewer points, one pass."""
+        return replace(self, batch_sizes=(1, 4, 16, 64), context_lens=(64, 1024), chunk_sizes=(16, 128, 512, 1024),
+                       mixed_decodes=(8,), repeats=1)
+
+
+@dataclass
+class Profile:
+    key: dict
+    model_config: ModelConfig  # what EngineConfig.resolved needs to size the KV pool of a candidate
+    cost_model: CostModel
+    held_out_error: dict[str, float]  # relative error of step time on held-out steps: mean, p50, p90, max
+    num_steps: int
+    seconds: float  # how long profiling took
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "model_config": asdict(self.model_config), "cost_model": self.cost_model.to_dict(),
+                "held_out_error": self.held_out_error, "num_steps": self.num_steps, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        return cls(data["key"], ModelConfig(**data["model_config"]), CostModel.from_dict(data["cost_model"]),
+                   data["held_out_error"], data["num_steps"], data["seconds"])
+
+
+def profile_key(config: EngineConfig) -> dict:
+    """What a profile is valid for: the model's content, dtype, quantization, threads and this machine."""
+    model_path = resolve_model_path(config.model)
+    model_file = Path(model_path)
+    if model_file.is_dir():
+        model_file = next(iter(sorted(model_file.glob("*.safetensors"))), model_file / "config.json")
+    return {"model": Path(model_path).name, "model_fingerprint": file_fingerprint(model_file),
+            "dtype": config.dtype, "quantization": config.quantization,
+            "num_threads": config.num_threads or available_cpu_count(), "machine": _machine()}
+
+
+def _machine() -> str:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()} {platform.machine()} {cpu}"
+
+
+def profile_path(key: dict, directory: Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return (directory or cache_dir() / "tune") / f"profile-{key['model']}-{digest}.json"
+
+
+def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path | None = None,
+                    refresh: bool = False) -> tuple[Profile, Path, bool]:
+    """The cached profile for this model and machine, or a new one. Returns it, its path, and whether it was
+    measured now."""
+    key = profile_key(config)
+    path = profile_path(key, directory)
+    if path.exists() and not refresh:
+        return Profile.from_dict(json.loads(path.read_text())), path, False
+    profile = run_profile(config, plan, key)
+    temporary = atomic_write_path(path)
+    temporary.write_text(json.dumps(profile.to_dict(), indent=2))
+    temporary.replace(path)
+    return profile, path, True
+
+
+def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profile:
+    started = time.perf_counter()
+    engine = LLMEngine(replace(config, max_num_seqs=max(plan.batch_sizes),
+                               max_num_batched_tokens=max(plan.chunk_sizes), prefill_chunk_share=1,
+                               enable_prefix_caching=True, enable_step_trace=False))
+    shape = AttentionShape.of(engine.model_config, engine.config.block_size)
+    calibration = _Calibration(engine, seed=0)
+    calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up: first calls pay one-off costs
+    calibration.steps.clear()
+    for round_index in range(plan.repeats):
+        logger.info("profiling round %d of %d: decode batches", round_index + 1, plan.repeats)
+        calibration.run_decodes(plan.batch_sizes, plan.context_lens)
+        logger.info("profiling: prompt chunks (%d steps so far)", len(calibration.steps))
+        calibration.run_chunks(plan.chunk_sizes)
+        logger.info("profiling: mixed steps (%d steps so far)", len(calibration.steps))
+        calibration.run_mixed(plan.mixed_decodes, plan.chunk_sizes, max(plan.context_lens))
+    steps = calibration.steps
+    held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
+    model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
+    errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
+    summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
+               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
+               "repeat_noise": calibration.repeat_noise()}
+    return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started)
+
+
+class _Calibration:
+    """Drives the engine through calibration requests, recording each step's shape and duration."""
+
+    def __init__(self, engine: LLMEngine, seed: int) -> None:
+        self.engine = engine
+        self.rng = np.random.default_rng(seed)
+        self.vocab = engine.model_config.vocab_size
+        self.limit = engine.max_model_len - DECODE_STEPS - 2  # longest prompt that still decodes
+        self.active: dict[str, Request] = {}
+        self.steps: list[tuple[list[RowShape], float]] = []
+        self.repeats: list[list[float]] = []  # durations of the decode steps of one point: the same work
+        self._ids = 0
+
+    def _tokens(self, count: int) -> list[int]:
+        # NOTE: ids from the upper part of the vocabulary: ordinary tokens, no specials (BOS, EOS, pad).
+        return [int(t) for t in self.rng.integers(self.vocab // 2, self.vocab, size=count)]
+
+    def add(self, prompt: list[int], max_tokens: int) -> None:
+        self._ids += 1
+        request_id = f"calibration-{self._ids}"
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+        self.active[request_id] = self.engine.add_request(prompt[:self.limit], params, request_id=request_id)
+
+    def step(self) -> None:
+        _, stats = self.engine.step()
+        if stats is None:
+            return
+        rows = []
+        for entry in stats.scheduled:
+            request = self.active[entry.request_id]
+            # After the step the request's counters say where this entry started and whether it sampled.
+            start = request.num_computed_tokens - entry.num_tokens
+            rows.append(RowShape(start, entry.num_tokens, request.num_computed_tokens == request.num_tokens - 1))
+        self.steps.append((rows, stats.duration))
+        for request_id in stats.finished:
+            self.active.pop(request_id, None)
+
+    def drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.step()
+        self.engine.reset_prefix_cache()  # the next point starts cold
+
+    def run_decodes(self, batch_sizes: tuple[int, ...], context_lens: tuple[int, ...]) -> None:
+        block = self.engine.config.block_size
+        for context in context_lens:
+            shared = self._tokens(min(context, self.limit))
+            for batch in batch_sizes:
+                for _ in range(batch):  # all but the last block shared: one prefill, then `batch` decodes
+                    self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 1)
+                first = len(self.steps)
+                self.drain()
+                self.repeats.append([seconds for rows, seconds in self.steps[first:]
+                                     if len(rows) == batch and all(row.num_new == 1 for row in rows)])
+
+    def repeat_noise(self) -> float:
+        """How much steps doing the same work differ in time: the mean relative distance of a decode step
+        from its point's median. No model of step time can be more accurate than this on this machine."""
+        deviations = [abs(seconds - np.median(point)) / np.median(point)
+                      for point in self.repeats if len(point) > 1 for seconds in point]
+        return float(np.mean(deviations)) if deviations else 0.0
+
+    def run_chunks(self, chunk_sizes: tuple[int, ...]) -> None:
+        for size in chunk_sizes:
+            prefix = self._tokens(size)
+            self.add(prefix, 1)  # a chunk from the start
+            self.drain()
+            self.add(prefix, 1)  # the same prefix cached: a short chunk far into the context
+            self.add(prefix + self._tokens(size), 1)
+            self.drain()
+
+    def run_mixed(self, decode_counts: tuple[int, ...], chunk_sizes: tuple[int, ...], context: int) -> None:
+        block = self.engine.config.block_size
+        shared = self._tokens(min(context // 2, self.limit))
+        for decodes in decode_counts:
+            for size in chunk_sizes:
+                for _ in range(decodes):
+                    self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
+                for _ in range(3):  # prefill and reach decoding
+                    self.step()
+                self.add(self._tokens(size), 2)
+                self.drain()

@@ -1,0 +1,102 @@
+"""`conveyor tune` end to end on tiny random-weight models: profile, search, config file, validation against
+real servers; and the server-side hooks it relies on (`serve --config`, `serve --record-trace`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.cli import main
+from conveyor.config import EngineConfig
+from conveyor.tune.profile import CalibrationPlan, load_or_profile
+from conveyor.workload_trace import read_trace
+from tests.server_utils import running_server
+
+TINY_PLAN = CalibrationPlan(batch_sizes=(1, 4), context_lens=(32, 128), chunk_sizes=(16, 64), mixed_decodes=(2,),
+                            repeats=1)
+# W1 prompts in the tiny vocabulary (ids 3..379 are ordinary tokens), short enough for a quick run.
+TINY_W2 = ["--num-requests", "6", "--max-input", "60", "--min-output", "4", "--max-output", "12", "--token-id-range", "3", "380",
+           "--bos-id", "1"]
+
+
+def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp_path) -> None:
+    config = EngineConfig(model=str(tiny_model_dirs["gemma3"]), kv_cache_memory="64MiB")
+    profile, path, measured = load_or_profile(config, TINY_PLAN, tmp_path)
+    assert measured and path.exists() and profile.num_steps > 20
+    assert profile.cost_model.shape.num_sliding_layers == 2 and profile.cost_model.shape.sliding_window == 8
+    assert min(profile.cost_model.coefficients) >= 0 and profile.held_out_error["steps"] >= 4
+    assert set(profile.held_out_error) == {"mean", "p50", "p90", "max", "steps", "repeat_noise"}
+    assert profile.held_out_error["repeat_noise"] > 0
+    again, again_path, measured_again = load_or_profile(config, TINY_PLAN, tmp_path)
+    assert (again_path, measured_again, again.cost_model) == (path, False, profile.cost_model)
+    other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path)
+    assert other[1] != path and other[2]
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the tune runs below: the first measures the tiny model's profile, the others reuse it."""
+    return tmp_path_factory.mktemp("profiles")
+
+
+def _tune(model_dir: Path, out_dir: Path, profile_dir: Path, *extra: str) -> dict:
+    status = main(["--log-level", "WARNING", "tune", "w2", "--model", str(model_dir), "--quick-profile",
+                   "--profile-dir", str(profile_dir), "--output-dir", str(out_dir), *TINY_W2,
+                   "--seqs-grid", "2", "8", "--tokens-grid", "32", "128", "--chunk-shares", "1", "4",
+                   "--kv-sizes", "64MiB", "--prefix-caching", "on", "--refine-top", "1", "--slo-ttft", "5",
+                   "--slo-itl", "2", *extra])
+    assert status == 0
+    return json.loads((out_dir / "tune.json").read_text())
+
+
+def test_tune_searches_and_writes_a_config_that_serve_and_llm_accept(tiny_model_dirs, profile_dir, tmp_path,
+                                                                     capsys) -> None:
+    result = _tune(tiny_model_dirs["llama"], tmp_path / "out", profile_dir)
+    printed = capsys.readouterr().out
+    assert "<- the default" in printed and "conveyor serve --config" in printed
+    # The grid (4 points and the default) plus the chunk-share variations of the best.
+    assert len(result["candidates"]) >= 5
+    assert all(c["max_rate"] > 0 for c in result["candidates"])
+    config = EngineConfig.from_file(tmp_path / "out" / "tuned.json")
+    assert config.model == str(tiny_model_dirs["llama"])
+    assert dataclasses.asdict(config) | result["recommended"] == dataclasses.asdict(config)
+    assert (tmp_path / "out" / "grid.png").exists() and (tmp_path / "out" / "pareto.png").exists()
+
+
+def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_path, capsys) -> None:
+    result = _tune(tiny_model_dirs["llama"], tmp_path / "out", profile_dir, "--rate", "4",
+                   "--validate", "--validate-top", "1")
+    printed = capsys.readouterr().out
+    assert "predicted" in printed and "measured" in printed and "ranking by goodput" in printed
+    rows = result["validation"]["rows"]
+    assert len(rows) == 2 and all(row["measured"]["completed"] == 6 for row in rows)
+    assert result["validation"]["recommended"] == result["recommended"]
+
+
+def test_serve_refuses_a_bad_config_file_naming_the_key(tmp_path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"max_num_seqs": 8, "max_batch": 4}))
+    done = subprocess.run([sys.executable, "-m", "conveyor.cli", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown key 'max_batch'" in done.stderr
+
+
+def test_serve_records_a_trace_without_text(tiny_model_dirs, tmp_path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    with running_server("--model", str(tiny_model_dirs["llama"]), "--record-trace", str(trace),
+                        log_path=str(tmp_path / "server.log")) as server:
+        for prompt, max_tokens in (("hello there, a shared start of a prompt!", 3),
+                                   ("hello there, a shared start of a prompt? yes", 5), ("other", 2)):
+            response = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                                  json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})
+            assert response.status_code == 200
+    records = read_trace(trace)
+    assert [(r.output_len, r.prefix_of) for r in records] == [(3, None), (5, 0), (2, None)]
+    assert records[1].prefix_len == 32 and records[0].arrival < records[1].arrival < records[2].arrival
+    assert "hello" not in trace.read_text()
