@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import httpx
 
-from conveyor.bench.serve import RequestResult, ServeSettings, first_model, stream_request, summarize
+from conveyor.bench.serve import (
+    RequestResult,
+    ServeSettings,
+    benchmark_client,
+    first_model,
+    stream_request,
+    summarize,
+)
 from conveyor.bench.workloads import Conversation
 
 
@@ -48,10 +55,7 @@ async def _conversation(client: httpx.AsyncClient, model: str, index: int, conve
 
 
 async def run_chat_benchmark(conversations: list[Conversation], settings: ServeSettings) -> dict:
-    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
-                                 limits=limits) as client:
+    async with benchmark_client(settings) as client:
         model = settings.model or await first_model(client)
         started = time.perf_counter()
         per_conversation = await asyncio.gather(*(_conversation(client, model, i, c, started)

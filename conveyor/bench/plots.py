@@ -29,7 +29,7 @@ def plot_timeline(steps: list[StepStats], path: Path, title: str,
     shown = [kind for kind in CELL_KINDS if kind is not EMPTY and (matrix == kind.code).any()]
     handles = [plt.Rectangle((0, 0), 1, 1, color=kind.color) for kind in shown]
     ax.legend(handles, [kind.label for kind in shown], loc="upper right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cache_and_queues(steps: list[StepStats], path: Path, title: str) -> Path:
@@ -47,7 +47,7 @@ def plot_cache_and_queues(steps: list[StepStats], path: Path, title: str) -> Pat
     bottom.set_xlabel("seconds")
     bottom.set_ylabel("requests")
     bottom.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(points: list[dict], path: Path, title: str) -> Path:
@@ -61,7 +61,7 @@ def plot_sweep(points: list[dict], path: Path, title: str) -> Path:
     right.plot(x, [p["ttft_s"]["p99"] for p in points], "s--", color="#e15759", label="p99 TTFT")
     right.set_ylabel("p99 TTFT (s)", color="#e15759")
     left.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_html(pictures: list[tuple[str, Path]], path: Path, title: str) -> Path:
@@ -72,7 +72,8 @@ def write_html(pictures: list[tuple[str, Path]], path: Path, title: str) -> Path
     return path
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write a figure as a PNG (its folder made if needed) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -136,11 +136,16 @@ async def _watch_steps(client: httpx.AsyncClient, received: list[int], viewer: i
             received[viewer] += len(chunk)
 
 
-async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSettings) -> dict:
+def benchmark_client(settings: ServeSettings) -> httpx.AsyncClient:
+    """An HTTP client for a benchmark run: the server's key, no connection cap, long timeouts."""
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
-                                 limits=limits) as client:
+    return httpx.AsyncClient(base_url=settings.base_url, timeout=httpx.Timeout(3600.0), headers=headers,
+                             limits=limits)
+
+
+async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSettings) -> dict:
+    async with benchmark_client(settings) as client:
         model = settings.model or await first_model(client)
         gate = asyncio.Semaphore(settings.max_concurrency or len(requests))
         viewer_bytes = [0] * settings.dashboard_viewers

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # no display: write files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from conveyor.bench.plots import save_figure  # noqa: E402
 from conveyor.tune.search import Evaluation  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def plot_grid(grid: list[Evaluation], validated: set[tuple], path: Path, unit: s
     ax.set_xlabel("max_num_batched_tokens")
     ax.set_ylabel("max_num_seqs")
     ax.set_title("predicted, by simulation")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -67,12 +68,5 @@ def plot_pareto(evaluations: list[Evaluation], path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("output tokens/s")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
