@@ -94,7 +94,9 @@ def measure_quality(base: EngineConfig, modes: list[str], text: str, window: int
     nll: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     kl: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     agree: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for ids in text_windows(tokenizer.encode(text), tokenizer.bos_token_id, window, max_tokens):
+    bos_token = tokenizer.special_tokens.get("bos_token")
+    bos_id = tokenizer.token_to_id(bos_token) if bos_token else model_config.bos_token_id
+    for ids in text_windows(tokenizer.encode(text), bos_id, window, max_tokens):
         targets = torch.tensor(ids[1:])
         reference = models[REFERENCE_MODE].logprobs(ids)[:-1]
         for name in names:
