@@ -250,6 +250,7 @@ def test_repeated_prefixes_report_cached_tokens_and_reset_forgets_them(
         server: RunningServer, client: openai.OpenAI, model: str) -> None:
     system = {"role": "system", "content": "you are a careful assistant " * 3}
     args = dict(model=model, max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True})
+    assert httpx.post(f"{server.base_url}/reset_prefix_cache").status_code == 200  # earlier tests' prefixes
     first = client.chat.completions.create(messages=[system, {"role": "user", "content": "one"}], **args)
     again = client.chat.completions.create(messages=[system, {"role": "user", "content": "two"}], **args)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
