@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
 
-from conveyor.bench.quality import DEFAULT_TEXT, REFERENCE_MODE, measure_quality, read_text, text_windows
+from conveyor.bench.quality import (
+    DEFAULT_TEXT,
+    REFERENCE_MODE,
+    llama_cpp_windows,
+    measure_quality,
+    read_text,
+    text_windows,
+)
 from conveyor.config import EngineConfig
 
 ENGLISH = ("The licenses for most software and other practical works are designed to take away your freedom "
@@ -19,6 +27,31 @@ def test_text_windows_lead_with_bos_and_stop_at_max_tokens() -> None:
     windows = list(text_windows([2, *range(10, 30)], bos_id=2, window=8, max_tokens=15))
     assert windows == [[2, *range(10, 17)], [2, *range(17, 24)], [2, 24]]
     assert list(text_windows(list(range(10, 14)), bos_id=None, window=3, max_tokens=100)) == [[10, 11, 12]]
+
+
+def _write_llama_cpp_base(path: Path, n_ctx: int, tokens: list[int]) -> None:
+    """A llama-perplexity --kl-divergence-base file's header and tokens (the log-probs after them are unread)."""
+    n_chunk = len(tokens) // n_ctx
+    path.write_bytes(b"_logits_" + struct.pack("<Iii", n_ctx, 1000, n_chunk)
+                     + struct.pack(f"<{len(tokens)}i", *tokens) + b"\0" * 64)
+
+
+def test_llama_cpp_windows_put_bos_first_and_score_the_second_half(tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    _write_llama_cpp_base(base, n_ctx=4, tokens=list(range(10, 18)))
+    scored = llama_cpp_windows(str(base), bos_id=2)
+    assert scored.windows == [[2, 11, 12, 13], [2, 15, 16, 17]] and scored.score_from == 2
+    (tmp_path / "text.txt").write_text("not a base file")
+    with pytest.raises(ValueError, match="not a llama-perplexity"):
+        llama_cpp_windows(str(tmp_path / "text.txt"), bos_id=2)
+
+
+def test_llama_cpp_windows_score_only_their_second_half(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    base = tmp_path / "base.kld"
+    _write_llama_cpp_base(base, n_ctx=16, tokens=[(7 * i) % 200 + 5 for i in range(48)])
+    config = EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=4)
+    results = measure_quality(config, ["fp32"], llama_cpp_base=str(base))
+    assert [r.num_tokens for r in results] == [3 * 7, 3 * 7]  # positions 8..14 of each 16-token window
 
 
 # Bounds in nats per position; a mode that stopped quantizing (KL 0) or broke (KL >> bound) fails.

@@ -234,10 +234,15 @@ def _chat(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from conveyor.bench.quality import DEFAULT_TEXT, measure_quality, read_text
 
-    text_path = args.text or DEFAULT_TEXT
     config = EngineConfig.from_cli_args(args)
-    results = measure_quality(config, args.modes, read_text(text_path), args.window, args.max_tokens)
-    print(f"teacher-forced on {text_path}, windows of {args.window} tokens; KL(reference || mode) in nats")
+    if args.llama_cpp_base:
+        text_path = f"the windows of {args.llama_cpp_base}"
+        results = measure_quality(config, args.modes, llama_cpp_base=args.llama_cpp_base)
+        print(f"teacher-forced on {text_path} (second half of each scored); KL(reference || mode) in nats")
+    else:
+        text_path = args.text or DEFAULT_TEXT
+        results = measure_quality(config, args.modes, read_text(text_path), args.window, args.max_tokens)
+        print(f"teacher-forced on {text_path}, windows of {args.window} tokens; KL(reference || mode) in nats")
     print(f"{'mode':12s} {'tokens':>7s} {'perplexity':>11s} {'mean KL':>10s} {'p99 KL':>10s} {'top-1 agree':>12s}")
     for r in results:
         print(f"{r.mode:12s} {r.num_tokens:7d} {r.perplexity:11.4f} {r.mean_kl:10.2e} {r.p99_kl:10.2e} "
@@ -308,6 +313,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          help="modes of conveyor.bench.quality.MODES, each against fp32-exact")
     quality.add_argument("--text", default=None, help="a UTF-8 text file (default: the GPL-3 the OS ships)")
     quality.add_argument("--window", type=int, default=256, help="tokens per teacher-forced window (BOS first)")
+    quality.add_argument("--llama-cpp-base", default=None, metavar="FILE",
+                         help="score the windows and positions of a `llama-perplexity --kl-divergence-base FILE` "
+                              "run instead of --text, to set conveyor's modes beside llama.cpp's KL divergence")
     quality.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text to score")
     quality.add_argument("--output", default="bench_results/quality.json")
     EngineConfig.add_cli_args(quality)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,32 @@ def text_windows(token_ids: list[int], bos_id: int | None, window: int, max_toke
             yield lead + chunk
 
 
+@dataclass
+class Windows:
+    """Teacher-forced windows, each scored from position `score_from` on (its earlier tokens are context)."""
+    windows: list[list[int]]
+    score_from: int = 0
+
+
+def llama_cpp_windows(path: str, bos_id: int | None) -> Windows:
+    """The exact windows `llama-perplexity` scored when it wrote `--kl-divergence-base FILE`.
+
+    That file starts with "_logits_", n_ctx (u32), n_vocab and n_chunk (i32) and the evaluated token ids
+    (i32, n_ctx per chunk). llama-perplexity puts BOS in place of each chunk's first token and scores
+    only the second half of a chunk (positions n_ctx/2 .. n_ctx-2, each predicting the next token), so
+    conveyor's modes can be scored on the same tokens and positions as llama.cpp's own KL divergence.
+    """
+    with open(path, "rb") as file:
+        if file.read(8) != b"_logits_":
+            raise ValueError(f"{path} is not a llama-perplexity --kl-divergence-base file")
+        n_ctx, _n_vocab, n_chunk = struct.unpack("<Iii", file.read(12))
+        tokens = list(struct.unpack(f"<{n_ctx * n_chunk}i", file.read(4 * n_ctx * n_chunk)))
+    windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(n_chunk)]
+    if bos_id is not None:
+        windows = [[bos_id, *window[1:]] for window in windows]
+    return Windows(windows, score_from=n_ctx // 2)
+
+
 class _ModeModel:
     """One mode's model, run outside the engine: a window is one prefill into a private KV cache."""
 
@@ -80,9 +107,13 @@ class _ModeModel:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def measure_quality(base: EngineConfig, modes: list[str], text: str, window: int = 256,
-                    max_tokens: int = 2048) -> list[ModeQuality]:
-    """Every mode in `modes` against the exact fp32 model on `text`; the reference itself comes first."""
+def measure_quality(base: EngineConfig, modes: list[str], text: str | None = None, window: int = 256,
+                    max_tokens: int = 2048, llama_cpp_base: str | None = None) -> list[ModeQuality]:
+    """Every mode in `modes` against the exact fp32 model; the reference itself comes first.
+
+    Scored on `text` cut into windows, or with `llama_cpp_base` on the windows and positions a
+    llama-perplexity base file holds (see `llama_cpp_windows`).
+    """
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         raise ValueError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
@@ -90,17 +121,25 @@ def measure_quality(base: EngineConfig, modes: list[str], text: str, window: int
     model_config, weights = load_model_weights(model_path)
     tokenizer = load_tokenizer(base.tokenizer or model_path)
     names = [REFERENCE_MODE] + [m for m in modes if m != REFERENCE_MODE]
-    models = {name: _ModeModel(base, MODES[name], model_path, model_config, weights, window) for name in names}
+    bos_token = tokenizer.special_tokens.get("bos_token")
+    bos_id = tokenizer.token_to_id(bos_token) if bos_token else model_config.bos_token_id
+    if llama_cpp_base is not None:
+        scored = llama_cpp_windows(llama_cpp_base, bos_id)
+    elif text is not None:
+        scored = Windows(list(text_windows(tokenizer.encode(text), bos_id, window, max_tokens)))
+    else:
+        raise ValueError("give a text or a llama-perplexity base file")
+    longest = max(len(ids) for ids in scored.windows)
+    models = {name: _ModeModel(base, MODES[name], model_path, model_config, weights, longest) for name in names}
     nll: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     kl: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     agree: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    bos_token = tokenizer.special_tokens.get("bos_token")
-    bos_id = tokenizer.token_to_id(bos_token) if bos_token else model_config.bos_token_id
-    for ids in text_windows(tokenizer.encode(text), bos_id, window, max_tokens):
-        targets = torch.tensor(ids[1:])
-        reference = models[REFERENCE_MODE].logprobs(ids)[:-1]
+    first = scored.score_from
+    for ids in scored.windows:
+        targets = torch.tensor(ids[first + 1:])
+        reference = models[REFERENCE_MODE].logprobs(ids)[first:-1]
         for name in names:
-            ours = reference if name == REFERENCE_MODE else models[name].logprobs(ids)[:-1]
+            ours = reference if name == REFERENCE_MODE else models[name].logprobs(ids)[first:-1]
             nll[name].append(-ours.gather(1, targets[:, None]).squeeze(1))
             # clamp: a KL of identical distributions can round to a hair below zero
             kl[name].append((reference.exp() * (reference - ours)).sum(dim=1).clamp_min(0.0))
