@@ -91,6 +91,7 @@ def render_chat(template: str, messages: list[dict[str, Any]], *, special_tokens
     return rendered
 
 
+@lru_cache(maxsize=16)
 def takes_content_parts(template: str) -> bool:
     """Whether the template loops over a message's content (OpenAI's list of parts), as vLLM's "auto"
     content format detects it; otherwise list content is joined into one string first."""
