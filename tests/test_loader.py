@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -44,9 +45,11 @@ def _gguf_name(hf: str, arch: str) -> str:
     return f"blk.{layer}.{name}.{suffix}"
 
 
-def write_gguf(hf_dir: Path, path: Path, arch: str) -> dict[str, torch.Tensor]:
+def write_gguf(hf_dir: Path, path: Path, arch: str,
+               tokenizer: Callable[[gguf.GGUFWriter], None] | None = None) -> dict[str, torch.Tensor]:
     """Write the HF model in `hf_dir` as llama.cpp would: permuted q/k (llama), +1 norms (gemma), some
-    Q8_0 tensors. Returns the original tensors."""
+    Q8_0 tensors; `tokenizer` writes the tokenizer metadata (default: a placeholder vocabulary). Returns
+    the original tensors."""
     config, tensors = load_hf_dir(str(hf_dir))
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_layers)
@@ -61,10 +64,13 @@ def write_gguf(hf_dir: Path, path: Path, arch: str) -> dict[str, torch.Tensor]:
     writer.add_rope_freq_base(config.rope_theta)
     if config.sliding_window:
         writer.add_sliding_window(config.sliding_window)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    if tokenizer is not None:
+        tokenizer(writer)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     for name, tensor in tensors.items():
         array = tensor.numpy().astype(np.float32)
         if arch == "gemma3" and name.endswith("norm.weight"):

@@ -82,3 +82,31 @@ def test_gguf_ids_equal_transformers(name: str, tmp_path: Path, monkeypatch: pyt
     ours = load_tokenizer(str(path))
     assert_same_ids_as_transformers(ours, tmp_path, gguf_file=path.name)
     assert load_tokenizer(str(path)).encode("the in") == ours.encode("the in")  # from the cache, the same
+
+
+def test_named_chat_templates_as_llama_cpp_writes_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tokenizer.chat_template` plus `tokenizer.chat_templates` / `tokenizer.chat_template.NAME`: tools pick
+    "tool_use"; a Gemma file without any template gets Gemma's turn format."""
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "named.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in BYTE_LEVEL_TOKENS])
+    writer.add_token_types([kind for _, kind in BYTE_LEVEL_TOKENS])
+    writer.add_token_merges(BYTE_LEVEL_MERGES)
+    writer.add_eot_token_id(LAST - 3)  # named end-of-turn: a stop token, whatever its text
+    writer.add_eos_token_id(LAST - 4)
+    writer.add_chat_template([{"name": "default", "template": "plain"},
+                              {"name": "tool_use", "template": "{{ tools | length }} tools"}])
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    ours = load_tokenizer(str(path))
+    assert ours.chat_template == {"default": "plain", "tool_use": "{{ tools | length }} tools"}
+    assert ours.apply_chat_template([{"role": "user", "content": "x"}]) == "plain"
+    assert ours.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"type": "function"}]) == "1 tools"
+    assert set(ours.eos_token_ids) == {LAST - 4, LAST - 3, LAST - 2}  # EOS, EOT, and <|im_end|> by name
+    gemma = tmp_path / "gemma.gguf"
+    _write(gemma, *FILES["gemma"])
+    assert load_tokenizer(str(gemma)).apply_chat_template([{"role": "user", "content": "x"}]) == (
+        "<bos><start_of_turn>user\nx<end_of_turn>\n<start_of_turn>model\n")

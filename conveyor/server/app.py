@@ -123,7 +123,9 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages")
         if body.messages is not None:
-            tokens = chat_prompt_ids(tokenizer, [m.model_dump(exclude_none=True) for m in body.messages])
+            tokens = chat_prompt_ids(tokenizer, [m.model_dump(exclude_none=True) for m in body.messages],
+                                     body.add_generation_prompt, continue_final_message=body.continue_final_message,
+                                     chat_template_kwargs=body.chat_template_kwargs)
         else:
             tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from conveyor.config import EngineConfig
+from conveyor.server.reasoning import REASONING_PARSERS
 from conveyor.workload_trace import TraceRecorder
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     guard = GuardSettings(api_key=args.api_key, public_metrics=args.public_metrics,
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     settings = ServerSettings(model_name=model_name, guard=guard, max_queue_len=args.max_queue_len,
-                              max_choices_per_request=args.max_choices_per_request)
+                              max_choices_per_request=args.max_choices_per_request,
+                              reasoning_parser=args.reasoning_parser)
     app = build_app(llm, settings, metrics, step_stream)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -116,6 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds a request gets to send its whole body; slower ones get 408")
     serve.add_argument("--graceful-timeout", type=int, default=30,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split a thinking model's <think>...</think> text into the chat response's "
+                            "reasoning_content (see docs/serving.md)")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     serve.add_argument("--no-dashboard", action="store_true",
                        help="serve neither /dashboard nor its step stream /v1/engine/steps")

@@ -36,6 +36,7 @@ class ServerSettings:
     # many; beyond it, 429. None: no limit.
     max_queue_len: int | None = None
     max_choices_per_request: int = 64  # prompts x n in one HTTP request: its cap on work
+    reasoning_parser: str | None = None  # a name in server.reasoning.REASONING_PARSERS
 
 
 def usage_block(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,13 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from conveyor.cache import atomic_write_path, cache_dir, file_fingerprint
 from conveyor.model.gguf_file import GGUFFile
-from conveyor.tokenizer.chat import GEMMA_CHAT_TEMPLATE, read_template
-from conveyor.tokenizer.gguf_backends import byte_level_backend, gemma_backend, sentencepiece_backend
+from conveyor.tokenizer.chat import GEMMA_CHAT_TEMPLATE, ChatTemplates, read_template
+from conveyor.tokenizer.gguf_backends import (
+    CONTROL,
+    byte_level_backend,
+    gemma_backend,
+    sentencepiece_backend,
+)
 from conveyor.tokenizer.pipelines import (
     DEFAULT_SPECIAL_TOKENS,
     add_missing_tokens,
@@ -32,9 +38,13 @@ from conveyor.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 3  # 3: special-token post-processor in tokenizer.json; chat template fallback in settings
+_CACHE_FORMAT = 4  # 4: named chat templates, end-of-turn stop tokens
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                        "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+# Tokens that end a turn as llama.cpp counts them (its end-of-generation set), where the vocabulary has
+# them as control tokens: a chat model stops on them even when the file's EOS is another token.
+_END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+                       "<|end_of_text|>", "<|end▁of▁sentence|>", "<EOT>")
 
 
 def load_gguf_tokenizer(path: str | Path, chat_template_file: str | None = None) -> Tokenizer:
@@ -86,8 +96,29 @@ def _convert(path: str | Path) -> tuple[RustTokenizer, dict[str, Any]]:
     set_special_token_template(backend, special_tokens.get("bos_token"), special_tokens.get("eos_token"),
                                add_bos=bool(field("tokenizer.ggml.add_bos_token", model == "llama")),
                                add_eos=bool(field("tokenizer.ggml.add_eos_token", False)))
-    stop_tokens = [special_tokens["eos_token"]] if "eos_token" in special_tokens else []
-    if is_gemma and "<end_of_turn>" in tokens:  # chat turns end with it
-        stop_tokens.append("<end_of_turn>")
-    template = field("tokenizer.chat_template") or (GEMMA_CHAT_TEMPLATE if is_gemma else None)
-    return backend, {"special_tokens": special_tokens, "stop_tokens": stop_tokens, "chat_template": template}
+    return backend, {"special_tokens": special_tokens,
+                     "stop_tokens": _stop_tokens(field, tokens, token_types, special_tokens),
+                     "chat_template": _chat_template(field, is_gemma)}
+
+
+def _stop_tokens(field: Callable[..., Any], tokens: list[str], token_types: list[int],
+                 special_tokens: dict[str, str]) -> list[str]:
+    """EOS, the file's end-of-turn and end-of-message tokens, and the control tokens llama.cpp ends a
+    generation on (Qwen's <|im_end|> and <|endoftext|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    stops = [special_tokens["eos_token"]] if "eos_token" in special_tokens else []
+    stops += [tokens[token_id] for key in ("eot_token_id", "eom_token_id")
+              if (token_id := field(f"tokenizer.ggml.{key}")) is not None]
+    stops += [token for token, kind in zip(tokens, token_types)
+              if kind == CONTROL and token in _END_OF_TURN_TOKENS]
+    return list(dict.fromkeys(stops))
+
+
+def _chat_template(field: Callable[..., Any], is_gemma: bool) -> ChatTemplates | None:
+    """`tokenizer.chat_template`, and the named ones llama.cpp's converter writes beside it
+    (`tokenizer.chat_templates` lists the names, `tokenizer.chat_template.NAME` holds each)."""
+    default = field("tokenizer.chat_template") or (GEMMA_CHAT_TEMPLATE if is_gemma else None)
+    named = {name: template for name in field("tokenizer.chat_templates") or []
+             if (template := field(f"tokenizer.chat_template.{name}"))}
+    if not named:
+        return default
+    return {**({"default": default} if default else {}), **named}

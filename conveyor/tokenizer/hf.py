@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 
-from conveyor.tokenizer.chat import GEMMA_CHAT_TEMPLATE, read_template
+from conveyor.tokenizer.chat import GEMMA_CHAT_TEMPLATE, ChatTemplates, read_template
 from conveyor.tokenizer.pipelines import (
     DEFAULT_SPECIAL_TOKENS,
     PIPELINES,
@@ -91,14 +91,21 @@ def tokenizer_class(settings: dict[str, Any], model_config: dict[str, Any], byte
     return declared
 
 
-def _chat_template(directory: Path, settings: dict[str, Any]) -> str | None:
-    """A chat_template.jinja file wins over tokenizer_config.json's entry, as in transformers."""
+def _chat_template(directory: Path, settings: dict[str, Any]) -> ChatTemplates | None:
+    """As transformers reads it: chat_template.jinja (the "default") and additional_chat_templates/*.jinja
+    (named) win over tokenizer_config.json's entry, which is one template or a list of named ones."""
+    files = {}
     if (directory / "chat_template.jinja").exists():
-        return (directory / "chat_template.jinja").read_text()
+        files["default"] = (directory / "chat_template.jinja").read_text()
+    if (directory / "additional_chat_templates").is_dir():
+        files.update({path.name.removesuffix(".jinja"): path.read_text()
+                      for path in sorted((directory / "additional_chat_templates").glob("*.jinja"))})
+    if files:
+        return files["default"] if list(files) == ["default"] else files
     template = _read_json(directory / "chat_template.json").get("chat_template")
     template = template or settings.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return {entry["name"]: entry["template"] for entry in template}
     return template
 
 

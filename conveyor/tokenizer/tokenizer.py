@@ -6,7 +6,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as RustTokenizer
 
-from conveyor.tokenizer.chat import render_chat
+from conveyor.tokenizer.chat import ChatTemplates, render_chat, select_template
 
 
 class Tokenizer:
@@ -14,7 +14,7 @@ class Tokenizer:
     them (see `hf` and `gguf`), so encoding is the backend's own: nothing is added or checked here."""
 
     def __init__(self, backend: RustTokenizer, special_tokens: dict[str, str], stop_tokens: list[str],
-                 chat_template: str | None) -> None:
+                 chat_template: ChatTemplates | None) -> None:
         backend.no_truncation()  # transformers encodes a single text without the file's truncation/padding
         backend.no_padding()
         self.backend = backend
@@ -29,16 +29,26 @@ class Tokenizer:
         """As transformers' `tokenizer(text)["input_ids"]`: a text starting with "<bos>" gets a second BOS."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **options: Any) -> list[int]:
         """The prompt ids of a conversation. The template writes its own special tokens, so none are
         added (transformers' `apply_chat_template(tokenize=True)`): a template's BOS is never doubled."""
-        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        prompt = self.apply_chat_template(messages, add_generation_prompt, **options)
         return self.encode(prompt, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                            continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                            documents: list[dict[str, Any]] | None = None,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
+        `tools` are OpenAI function tools (JSON schemas); `chat_template_kwargs` are extra template
+        variables (Qwen 3's `enable_thinking`)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; pass --chat-template FILE")
-        return render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+        return render_chat(select_template(self.chat_template, tools), messages,
+                           special_tokens=self.special_tokens, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, tools=tools, documents=documents,
+                           template_kwargs=chat_template_kwargs)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
