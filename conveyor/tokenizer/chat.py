@@ -32,10 +32,11 @@ def read_template(path: str | None) -> str | None:
 
 
 def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                special_tokens: dict[str, str]) -> str:
-    """The prompt text; `special_tokens` (bos_token, eos_token, ...) are template variables."""
+                special_tokens: dict[str, str], tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text; `special_tokens` (bos_token, eos_token, ...) are template variables, and so is
+    `tools` (OpenAI's tool objects, as transformers' `apply_chat_template(tools=...)` passes them)."""
     return _compile(template).render(messages=[_flatten_content(m) for m in messages],
-                                     add_generation_prompt=add_generation_prompt, **special_tokens)
+                                     add_generation_prompt=add_generation_prompt, tools=tools, **special_tokens)
 
 
 def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:

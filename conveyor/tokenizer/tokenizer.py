@@ -29,16 +29,18 @@ class Tokenizer:
         """As transformers' `tokenizer(text)["input_ids"]`: a text starting with "<bos>" gets a second BOS."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt ids of a conversation. The template writes its own special tokens, so none are
         added (transformers' `apply_chat_template(tokenize=True)`): a template's BOS is never doubled."""
-        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        prompt = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.encode(prompt, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; pass --chat-template FILE")
-        return render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+        return render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens, tools)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
