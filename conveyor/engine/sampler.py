@@ -2,9 +2,10 @@
 
 Policy, in order (vLLM's semantics): penalties (repetition over prompt + output; presence and frequency
 over output), the structured-output grammar mask (rows that have one), the min_tokens mask on EOS and
-stop ids, then greedy rows take the argmax and the others go through temperature, top-k, top-p and min-p before drawing. A seeded request draws from its own
-generator, so its tokens do not depend on the rest of the batch. Log-probabilities are reported from the
-raw model distribution (before any of these transforms). A transform no row uses is skipped entirely.
+stop ids, then greedy rows take the argmax and the others go through temperature, top-k, top-p and min-p
+before drawing. A seeded request draws from its own generator, so its tokens do not depend on the rest
+of the batch. Log-probabilities are reported from the raw model distribution (before any of these
+transforms). A transform no row uses is skipped entirely.
 
 The sampler sees one `SamplingMetadata` value per step (per-row parameters, token histories and
 generators), never a request object, so it can be tested with plain lists.

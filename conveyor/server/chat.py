@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
@@ -34,6 +34,7 @@ from conveyor.server.tool_parsers import ParsedToolCall, ToolCallStream, ToolPar
 from conveyor.tokenizer import Tokenizer
 
 ToolMode = Literal["none", "auto", "required", "named"]
+_DECODER = json.JSONDecoder()
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -96,7 +97,7 @@ class ToolReader:
     stream: ToolCallStream | None = None
     num_calls_sent: int = 0
     text: str = ""
-    deltas: list[dict[str, Any]] = field(default_factory=list)
+    scanned: int = 0  # chars of `text` holding calls already sent
 
     def read(self, text: str, reason: str | None) -> tuple[str | None, list[ParsedToolCall]]:
         """A finished output: its content and calls. A truncated one ("length") is content only."""
@@ -131,12 +132,13 @@ class ToolReader:
                 deltas.extend(self._call_deltas(calls))
             return deltas
         if self.mode == "required" and reason != "length":
-            self.text += delta_text
-            if output.finished:
-                deltas.extend(self._call_deltas(self.read(self.text, reason)[1]))
+            self.text += delta_text  # the grammar's list of calls: each goes out once it is complete
+            for call in self._complete_calls():
+                deltas.extend(self._call_deltas([call], first_index=self.num_calls_sent))
             return deltas
-        text = self.text + delta_text  # "none", or a truncated constrained output: all of it is content
-        self.text = ""
+        # "none", or a constrained output cut short: what was not sent as calls is content.
+        text = self.text[self.scanned:] + delta_text
+        self.text, self.scanned = "", 0
         return [{"content": text}] if text else []
 
     def _call_opening(self, index: int, name: str) -> dict[str, Any]:
@@ -144,10 +146,24 @@ class ToolReader:
         return {"tool_calls": [{"index": index, "id": new_tool_call_id(), "type": "function",
                                 "function": {"name": name, "arguments": ""}}]}
 
-    def _call_deltas(self, calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
+    def _complete_calls(self) -> list[ParsedToolCall]:
+        """The calls of `tool_call_schema`'s list completed since the last look (its text is `self.text`)."""
+        calls = []
+        while True:
+            position = self.scanned
+            while position < len(self.text) and self.text[position] in "[, \n":
+                position += 1
+            try:
+                item, end = _DECODER.raw_decode(self.text, position)
+            except json.JSONDecodeError:
+                return calls  # not complete yet (the grammar guarantees it will be)
+            calls.append(ParsedToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+            self.scanned = end
+
+    def _call_deltas(self, calls: list[ParsedToolCall], first_index: int = 0) -> list[dict[str, Any]]:
         """Each call as OpenAI streams it: its id, type and name, then its arguments."""
         deltas = []
-        for index, call in enumerate(calls):
+        for index, call in enumerate(calls, first_index):
             deltas.append(self._call_opening(index, call.name))
             deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
         return deltas
