@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
+from conveyor.outputs import CompletionOutput, RequestOutput
+from conveyor.server.chat import ToolReader
 from conveyor.server.tool_parsers import (
     GemmaJsonParser,
     HermesParser,
@@ -111,3 +114,56 @@ def test_parser_guessed_from_the_template() -> None:
     assert isinstance(choose_tool_parser("auto", "{% if tools %}[TOOL_CALLS]{% endif %}"), MistralParser)
     assert isinstance(choose_tool_parser("auto", "{% if tools %}<|python_tag|>ipython{% endif %}"), Llama3JsonParser)
     assert isinstance(choose_tool_parser("mistral", None), MistralParser)
+
+
+def _outputs(text: str, size: int, reason: str) -> list[RequestOutput]:
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    return [RequestOutput("r", None, [1], [CompletionOutput(0, "", [], reason if last else None)], last,
+                          delta_text=piece)
+            for last, piece in ((i == len(pieces) - 1, piece) for i, piece in enumerate(pieces))]
+
+
+def _assembled(deltas: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+    content, calls = "", {}
+    for delta in deltas:
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                assert call["index"] not in calls and call["type"] == "function"
+                calls[call["index"]] = [call["function"]["name"], call["function"]["arguments"]]
+            else:
+                calls[call["index"]][1] += call["function"]["arguments"]
+    return content, [(name, arguments) for name, arguments in (calls[i] for i in sorted(calls))]
+
+
+def test_reader_streams_required_calls_as_each_completes() -> None:
+    text = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
+    reader = ToolReader("required", GemmaJsonParser())
+    first_call_done = text.index("}}") + 2
+    outputs = _outputs(text, 5, "stop")
+    sent: list[dict[str, Any]] = []
+    for output in outputs:
+        deltas = reader.feed(output)
+        sent += deltas
+        if deltas:  # the first call goes out as soon as its text is complete, before the list ends
+            assert len("".join(o.delta_text for o in outputs[:outputs.index(output) + 1])) >= first_call_done
+    assert _assembled(sent) == ("", [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")])
+    assert reader.read(text, "stop") == (None, [ParsedToolCall("get_weather", '{"city": "Paris"}'),
+                                                ParsedToolCall("get_time", "{}")])
+
+
+def test_reader_named_streams_arguments_and_cut_short_is_content() -> None:
+    reader = ToolReader("named", GemmaJsonParser(), named="f")
+    sent = [d for output in _outputs('{"x": 12}', 2, "stop") for d in reader.feed(output)]
+    assert _assembled(sent) == ("", [("f", '{"x": 12}')]) and len(sent) == 6  # name, then 5 fragments
+    reader = ToolReader("required", GemmaJsonParser())
+    sent = [d for output in _outputs('[{"name": "f", "parameters": {"x": 1', 4, "length") for d in reader.feed(output)]
+    assert _assembled(sent) == ('[{"name": "f", "parameters": {"x": 1', [])
+    assert reader.read('[{"name": "f"', "length") == ('[{"name": "f"', [])
+
+
+def test_reader_auto_parses_at_the_end() -> None:
+    text = 'Checking.<tool_call>{"name": "f", "arguments": {"a": [1, 2]}}</tool_call>'
+    reader = ToolReader("auto", HermesParser())
+    sent = [d for output in _outputs(text, 3, "stop") for d in reader.feed(output)]
+    assert _assembled(sent) == ("Checking.", [("f", '{"a": [1, 2]}')])
