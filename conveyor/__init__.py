@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.config import EngineConfig
 from conveyor.outputs import CompletionOutput, RequestOutput
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from conveyor.engine.llm import LLM
 
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,5 @@
-"""`conveyor bench throughput | serve | sweep | quality`: benchmarks that print figures and save JSON and pictures."""
+"""`conveyor bench throughput | serve | sweep | quality | structured`: benchmarks that print figures and save
+JSON and pictures."""
 
 from __future__ import annotations
 
@@ -252,6 +253,16 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _structured(args: argparse.Namespace) -> int:
+    from conveyor.bench.structured import run
+    from conveyor.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_cli_args(args))
+    results = run(engine, args.batch_size, args.steps, args.warmup, args.constraints)
+    _write_json(args.output, {"batch_size": args.batch_size, "steps": args.steps, "results": results})
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
 
@@ -320,3 +331,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     quality.add_argument("--output", default="bench_results/quality.json")
     EngineConfig.add_cli_args(quality)
     quality.set_defaults(handler=_quality)
+
+    structured = bench.add_parser("structured", help="decode steps with no, one and every request under a "
+                                  "structured-output constraint (what the grammar masks cost a step)")
+    structured.add_argument("--batch-size", type=int, default=16)
+    structured.add_argument("--steps", type=int, default=40, help="decode steps measured (after the warm-up)")
+    structured.add_argument("--warmup", type=int, default=5)
+    structured.add_argument("--constraints", nargs="+", default=["json-string", "json-integers"],
+                            choices=["json-string", "json-integers"])
+    structured.add_argument("--output", default="bench_results/structured.json")
+    EngineConfig.add_cli_args(structured)
+    structured.set_defaults(handler=_structured)

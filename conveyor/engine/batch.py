@@ -8,14 +8,19 @@ metadata. Only the last row of a request that samples this step is projected to 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import llguidance
 import torch
 
 from conveyor.engine.sampler import SamplingMetadata, SamplingRow
 from conveyor.engine.scheduler_output import NewRequestData, SchedulerOutput
+from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.attention import AttentionMetadata, SequenceSpan, build_attention_metadata
 from conveyor.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,34 +35,58 @@ class CachedRequestState:
     eos_token_ids: list[int]
     block_ids: list[int]
     generator: torch.Generator | None  # a seeded request's own: same tokens whatever the batch holds
+    # Structured output: this sequence's own grammar state, advanced with each token appended.
+    matcher: llguidance.LLMatcher | None = None
+    grammar: GrammarCompiler | None = None
 
     @classmethod
-    def from_new_request(cls, data: NewRequestData) -> CachedRequestState:
+    def from_new_request(cls, data: NewRequestData, grammar: GrammarCompiler | None = None) -> CachedRequestState:
         params = data.sampling_params
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator()
             generator.manual_seed(params.seed)
+        matcher = None
+        if params.structured_outputs is not None:
+            assert grammar is not None, "structured outputs need the engine's grammar compiler"
+            matcher = grammar.new_matcher(params.structured_outputs)
         return cls(data.request_id, list(data.prompt_token_ids), len(data.prompt_token_ids), params,
-                   list(data.eos_token_ids), [], generator)
+                   list(data.eos_token_ids), [], generator, matcher, grammar)
 
     def sampling_row(self) -> SamplingRow:
         params = self.sampling_params
         banned: list[int] = []
         if len(self.token_ids) - self.num_prompt_tokens < params.min_tokens:
             banned = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
-        return SamplingRow(params, self.token_ids, self.num_prompt_tokens, banned, self.generator)
+        bitmask = None
+        if self.matcher is not None and self.grammar is not None:
+            bitmask = self.grammar.fill_bitmask(self.matcher)
+            banned = []  # the grammar decides when the output may end
+        return SamplingRow(params, self.token_ids, self.num_prompt_tokens, banned, self.generator, bitmask)
+
+    def append_token(self, token: int) -> bool:
+        """Append a sampled token; True when the grammar (if any) is complete and nothing may follow."""
+        self.token_ids.append(token)
+        if self.matcher is None:
+            return False
+        if not self.matcher.consume_token(token):
+            logger.warning("request %s: the grammar rejected token %d (%s); stopping it", self.request_id, token,
+                           self.matcher.get_error())
+            return True
+        return self.matcher.is_stopped()
 
 
-def apply_scheduler_output(states: dict[str, CachedRequestState], output: SchedulerOutput) -> None:
+def apply_scheduler_output(states: dict[str, CachedRequestState], output: SchedulerOutput,
+                           grammar: GrammarCompiler | None = None) -> None:
     """Bring the runner's per-request states up to date with a step's deltas: drop finished requests,
-    forget preempted tables, add new requests, extend block tables."""
+    forget preempted tables (their tokens, and so their grammar state, stay: they recompute), add new
+    requests, extend block tables."""
     for request_id in output.finished_request_ids:
         states.pop(request_id, None)
     for request_id in output.preempted_request_ids:
         states[request_id].block_ids.clear()
     for data in output.new_requests:
-        states[data.request_id] = CachedRequestState.from_new_request(data)
+        states[data.request_id] = CachedRequestState.from_new_request(data, grammar)
     for scheduled in output.scheduled:
         states[scheduled.request_id].block_ids.extend(scheduled.new_block_ids)
 

@@ -20,6 +20,7 @@ from conveyor.engine.runner import ModelRunner
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.stats import QueueStats, ScheduledEntry, StepStats
+from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.engine.trace import StepTrace
 from conveyor.model.loader import load_model_weights, resolve_model_path
 from conveyor.outputs import RequestOutput
@@ -38,12 +39,13 @@ class LLMEngine:
         assert config.tokenizer is not None and config.max_model_len is not None and config.num_kv_blocks
         self.tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
         self.max_model_len = config.max_model_len
-        self.runner = ModelRunner(config, self.model_config, weights)
+        self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        self.grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(config, self.model_config, weights, self.grammar)
         del weights
         self.scheduler = Scheduler(config, config.num_kv_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.trace = StepTrace() if config.enable_step_trace else None
-        self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self._finished_since_last_step: list[RequestOutput] = []
         self._ids = itertools.count()
         logger.info("engine ready in %.1f s: %s (%s), max_model_len %d", time.perf_counter() - started,
@@ -57,6 +59,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("LLMEngine takes n=1 requests; LLM.generate and the server fan out n > 1")
+        if params.structured_outputs is not None:
+            self.grammar.compile(params.structured_outputs)  # raises for a bad one; the server compiled it already
         request_id = request_id if request_id is not None else str(next(self._ids))
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -120,6 +124,8 @@ class LLMEngine:
                 request.logprobs.append(position)
                 request.cumulative_logprob += position[request.output_token_ids[-1]].logprob
             status = self.output_processor.process_token(request)
+            if status is None and request.request_id in result.grammar_completed:
+                status = RequestStatus.FINISHED_STOPPED  # the grammar admits nothing more (not even text)
             if status is not None:
                 self.scheduler.finish_request(request.request_id, status)
                 finished_ids.append(request.request_id)

@@ -13,6 +13,7 @@ from conveyor.config import EngineConfig, ModelConfig
 from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, build_model_input
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler_output import SchedulerOutput
+from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.kernels import apply_linear_kernel
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
@@ -26,14 +27,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class RunnerOutput:
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
+    grammar_completed: set[str] = field(default_factory=set)  # structured output complete: they must stop
     prepare_seconds: float = 0.0
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
-        """`config` is resolved (`EngineConfig.resolved`): threads, context limit and pool size are set."""
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 grammar: GrammarCompiler | None = None) -> None:
+        """`config` is resolved (`EngineConfig.resolved`): threads, context limit and pool size are set.
+        `grammar` gives structured-output requests their matchers."""
         assert config.num_threads and config.max_model_len and config.num_kv_blocks, "the config is not resolved"
         torch.set_num_threads(config.num_threads)
         self.num_threads = torch.get_num_threads()
@@ -51,6 +55,7 @@ class ModelRunner:
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window
         self.sampler = Sampler()
+        self.grammar = grammar
         self.requests: dict[str, CachedRequestState] = {}  # every request the scheduler has sent, until it ends
         pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", self.num_kv_blocks, self.block_size,
@@ -59,7 +64,7 @@ class ModelRunner:
     def update_states(self, output: SchedulerOutput) -> None:
         """Apply a step's deltas to the runner's own request states. `execute` does this first; the engine
         calls it alone for a step with nothing to run, so finished requests still leave."""
-        apply_scheduler_output(self.requests, output)
+        apply_scheduler_output(self.requests, output, self.grammar)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
@@ -75,7 +80,8 @@ class ModelRunner:
             sampled = self.sampler(logits, model_input.sampling)
             for row, request_id in enumerate(model_input.sampling_request_ids):
                 token = sampled.token_ids[row]
-                self.requests[request_id].token_ids.append(token)
+                if self.requests[request_id].append_token(token):
+                    result.grammar_completed.add(request_id)
                 result.sampled_token_ids[request_id] = token
                 if sampled.logprobs is not None and sampled.logprobs[row] is not None:
                     result.logprobs[request_id] = sampled.logprobs[row]

@@ -1,10 +1,11 @@
 """Batched sampling over the rows of one step, each row with its own parameters.
 
 Policy, in order (vLLM's semantics): penalties (repetition over prompt + output; presence and frequency
-over output), the min_tokens mask on EOS and stop ids, then greedy rows take the argmax and the others go
-through temperature, top-k, top-p and min-p before drawing. A seeded request draws from its own
-generator, so its tokens do not depend on the rest of the batch. Log-probabilities are reported from the
-raw model distribution (before any of these transforms). A transform no row uses is skipped entirely.
+over output), the structured-output grammar mask (rows that have one), the min_tokens mask on EOS and
+stop ids, then greedy rows take the argmax and the others go through temperature, top-k, top-p and min-p
+before drawing. A seeded request draws from its own generator, so its tokens do not depend on the rest
+of the batch. Log-probabilities are reported from the raw model distribution (before any of these
+transforms). A transform no row uses is skipped entirely.
 
 The sampler sees one `SamplingMetadata` value per step (per-row parameters, token histories and
 generators), never a request object, so it can be tested with plain lists.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from conveyor.engine.structured_output import unpack_bitmasks
 from conveyor.outputs import Logprob
 from conveyor.sampling_params import SamplingParams
 
@@ -30,6 +32,7 @@ class SamplingRow:
     num_prompt_tokens: int
     banned_token_ids: Sequence[int] = ()  # EOS and stop ids while the request is short of min_tokens
     generator: torch.Generator | None = None  # a seeded request's own generator
+    token_bitmask: torch.Tensor | None = None  # structured output: int32 bits of the allowed next tokens
 
     @property
     def output_token_ids(self) -> Sequence[int]:
@@ -60,6 +63,7 @@ class Sampler:
         if any(p.logprobs is not None for p in metadata.params):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
         logits = apply_penalties(logits, metadata)
+        logits = apply_grammar_masks(logits, metadata)
         logits = mask_early_stops(logits, metadata)
         token_ids = sample(logits, metadata)
         logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, metadata)
@@ -96,6 +100,19 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
         frequency = _row_tensor([p.frequency_penalty for p in params], logits)
         presence = _row_tensor([p.presence_penalty for p in params], logits)
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_grammar_masks(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Structured-output rows keep only the tokens their grammar allows. Only those rows are touched:
+    an unconstrained neighbour costs nothing."""
+    rows = [row for row, sampling_row in enumerate(metadata.rows) if sampling_row.token_bitmask is not None]
+    if not rows:
+        return logits
+    bitmasks = torch.stack([metadata.rows[row].token_bitmask for row in rows])  # type: ignore[misc]
+    allowed = unpack_bitmasks(bitmasks.to(logits.device), logits.shape[1])
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
 
 

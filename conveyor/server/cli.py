@@ -21,6 +21,7 @@ import uvicorn
 
 from conveyor.config import EngineConfig
 from conveyor.server.reasoning import REASONING_PARSERS
+from conveyor.server.tool_parsers import PARSERS
 from conveyor.workload_trace import TraceRecorder
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ def _serve(args: argparse.Namespace) -> int:
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     settings = ServerSettings(model_name=model_name, guard=guard, max_queue_len=args.max_queue_len,
                               max_choices_per_request=args.max_choices_per_request,
-                              reasoning_parser=args.reasoning_parser)
+                              reasoning_parser=args.reasoning_parser,
+                              tool_call_parser=args.tool_call_parser)
     app = build_app(llm, settings, metrics, step_stream)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -110,6 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                             "take those in flight beyond --max-num-seqs plus this many (default: no limit)")
     serve.add_argument("--max-choices-per-request", type=int, default=64,
                        help="cap on prompts x n in one request; more gets 400 (default %(default)s)")
+    serve.add_argument("--tool-call-parser", default="auto", choices=["auto", *PARSERS],
+                       help="the tool-call format to read from the model's output (default: guessed from the "
+                            "chat template; gemma's JSON convention for a template without tools)")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                        help="larger bodies, chunked or not, get 413")
     serve.add_argument("--header-timeout", type=float, default=10.0,

@@ -13,14 +13,22 @@ from conveyor.server.admission import GroupStreamingResponse
 from conveyor.server.errors import APIError
 from conveyor.server.protocol import CompletionRequest, new_id, now
 from conveyor.server.responses import completion_logprobs
-from conveyor.server.serving import GenerationServing, finals_usage, finish_reason, sse_events
+from conveyor.server.serving import (
+    GenerationServing,
+    finals_usage,
+    finish_reason,
+    requested_constraint,
+    sse_events,
+)
 
 
 class CompletionServing(GenerationServing):
     async def create(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
         prompts = normalize_prompts(body.prompt, self.engine.model_config.vocab_size)
-        params = self.sampling_params(body, body.max_tokens, body.logprobs, body.n)
+        constraint, param = requested_constraint(body)
+        await self.compile_constraint(constraint, param)
+        params = self.sampling_params(body, body.max_tokens, body.logprobs, body.n, constraint)
         request_id = new_id("cmpl")
         prompt_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         group = await self.start(ParentRequest(request_id, prompts, params))

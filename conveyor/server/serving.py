@@ -19,7 +19,7 @@ from fastapi import Request
 from conveyor.engine.async_engine import AsyncLLM
 from conveyor.engine.parallel_sampling import ParentRequest
 from conveyor.outputs import RequestOutput
-from conveyor.sampling_params import SamplingParams
+from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
 from conveyor.server.admission import Admission, QueueFullError, RequestGroup, wait_for_disconnect
 from conveyor.server.errors import APIError
 from conveyor.server.middleware import REQUEST_ID_KEY, GuardSettings
@@ -37,6 +37,7 @@ class ServerSettings:
     max_queue_len: int | None = None
     max_choices_per_request: int = 64  # prompts x n in one HTTP request: its cap on work
     reasoning_parser: str | None = None  # a name in server.reasoning.REASONING_PARSERS
+    tool_call_parser: str = "auto"  # a name in server.tool_parsers.PARSERS, or guessed from the chat template
 
 
 def usage_block(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -86,7 +87,7 @@ class GenerationServing:
                                 f"{self.settings.model_name!r}", "not_found_error", "model")
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        n: int) -> SamplingParams:
+                        n: int, structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         # A top_k beyond the vocabulary filters nothing; as given, a huge one would overflow in the sampler.
         top_k = body.top_k if body.top_k < self.engine.model_config.vocab_size else -1
         try:
@@ -95,9 +96,18 @@ class GenerationServing:
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens,
                 min_tokens=body.min_tokens, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],
-                ignore_eos=body.ignore_eos, logprobs=logprobs)
+                ignore_eos=body.ignore_eos, logprobs=logprobs, structured_outputs=structured_outputs)
         except ValueError as error:
             raise APIError(400, str(error)) from None
+
+    async def compile_constraint(self, spec: StructuredOutputsParams | None, param: str) -> None:
+        """Compile (and cache) a constraint in a worker thread, off the engine's step; a bad one is a 400."""
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.grammar.compile, spec)
+        except ValueError as error:
+            raise APIError(400, str(error), param=param) from None
 
     async def start(self, parent: ParentRequest) -> RequestGroup:
         """Admit and queue every engine request of `parent`; all validated before any output is produced.
@@ -143,7 +153,29 @@ class GenerationServing:
         return finals.result()
 
 
-ChunkRenderer = Callable[[int, RequestOutput], "dict[str, Any] | None"]
+def requested_constraint(body: SamplingFields) -> tuple[StructuredOutputsParams | None, str]:
+    """The output constraint a request asks for (`response_format` or vLLM's `structured_outputs`) and
+    the field that asked, for errors."""
+    if body.response_format is not None and body.structured_outputs is not None:
+        raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+    response_format = body.response_format
+    if response_format is not None and response_format.type != "text":
+        if response_format.json_schema is not None and response_format.type == "json_schema":
+            return StructuredOutputsParams(json=response_format.json_schema.schema_), "response_format"
+        return StructuredOutputsParams(json_object=True), "response_format"
+    requested = body.structured_outputs
+    if requested is None:
+        return None, ""
+    try:
+        return StructuredOutputsParams(json=requested.json_, json_object=bool(requested.json_object),
+                                       regex=requested.regex, choice=requested.choice,
+                                       grammar=requested.grammar), "structured_outputs"
+    except ValueError as error:
+        raise APIError(400, str(error), param="structured_outputs") from None
+
+
+# A renderer gives the choice of one chunk, several (one chunk each), or None for nothing.
+ChunkRenderer = Callable[[int, RequestOutput], "dict[str, Any] | list[dict[str, Any]] | None"]
 
 
 async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any], n: int,
@@ -160,8 +192,8 @@ async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any]
             yield _sse_error(output, request)
             break
         usage.add(index, output, len(output.delta_token_ids))
-        choice = render(index, output)
-        if choice is not None:
+        rendered = render(index, output)
+        for choice in rendered if isinstance(rendered, list) else [] if rendered is None else [rendered]:
             yield _sse({**base, "choices": [choice]})
     if include_usage:
         yield _sse({**base, "choices": [], "usage": usage.block()})
