@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
+_HEALTH_KEYS = ("pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
 
 
 class ReplicaDiedError(EngineDeadError):
@@ -81,8 +82,11 @@ class ReplicaPool:
     def health(self) -> tuple[bool, dict[str, Any]]:
         replicas = self.replicas
         status = "ok" if len(replicas) >= self.num_replicas else ("degraded" if replicas else "no replicas")
+        details = {replica: {key: stats.get(key) for key in _HEALTH_KEYS} | {
+                       "cached_blocks": len(stats.get("cached_block_hashes", ()))}
+                   for replica, stats in sorted(replicas.items())}
         return bool(replicas), {"status": status, "replicas": len(replicas), "target_replicas": self.num_replicas,
-                                "replica_ids": sorted(replicas)}
+                                "replica": details}
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str) -> AsyncIterator[RequestOutput]:

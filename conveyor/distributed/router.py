@@ -79,10 +79,18 @@ class PrefixAwareRouter(_Conveyor, RequestRouter):
             return targeted
         if not candidate_replicas:
             return []
+        try:
+            return [[self._choose(candidate_replicas, pending_request)]]
+        except Exception:  # a routing bug must not strand the request: any replica beats none
+            logger.exception("prefix-aware routing failed; choosing a replica at random")
+            return [[random.choice(candidate_replicas)]]
+
+    def _choose(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+                ) -> RunningReplica:
         prompt = prompt_of(pending_request)
         block_size = _reported(candidate_replicas, "block_size")
         if prompt is None or block_size is None:
-            return [[self._least_loaded_of_two(candidate_replicas)]]
+            return self._least_loaded_of_two(candidate_replicas)
         hashes = prefix_block_hashes(prompt, block_size)
         now = time.time()
         matches = {r.replica_id: self._match(r, hashes, now) for r in candidate_replicas}
@@ -103,7 +111,7 @@ class PrefixAwareRouter(_Conveyor, RequestRouter):
         routed = self._routed.setdefault(chosen.replica_id, {})
         for block_hash in hashes:
             routed[block_hash] = now
-        return [[chosen]]
+        return chosen
 
     def _match(self, replica: RunningReplica, hashes: list[int], now: float) -> int:
         """How many leading blocks of the prompt this replica holds (reported, or sent to it lately)."""
