@@ -121,14 +121,15 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
     half the later turns would land on a replica that never saw the conversation."""
     httpx.post(f"{base_url}/reset_prefix_cache")
     conversations = [[100 + 7 * c + i % 5 for i in range(40)] for c in range(6)]
+    previous_len = [0] * len(conversations)
     for turn in range(3):
         for index, prompt in enumerate(conversations):
             usage = _complete(base_url, prompt)["usage"]
-            if turn:
-                # Everything before the previous turn's last partial block was cached on its replica.
-                assert usage["prompt_tokens_details"]["cached_tokens"] >= previous[index] - BLOCK_SIZE, (turn, index)
+            # Everything before the previous turn's last partial block was cached on its replica.
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= previous_len[index] - BLOCK_SIZE, (turn, index, cached)
+            previous_len[index] = len(prompt)
             conversations[index] = prompt + [200 + turn + index] * 12
-        previous = [len(p) - 12 for p in conversations]
     assert sum(h["cached_blocks"] > 0 for h in httpx.get(f"{base_url}/health").json()["replica"].values()) == 2
 
 
