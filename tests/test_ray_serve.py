@@ -45,6 +45,19 @@ def test_build_app_rejects_bad_settings() -> None:
         build_app(EngineConfig(), router="round-robin")
 
 
+def test_the_example_serve_config_builds() -> None:
+    import yaml
+
+    from conveyor.distributed.app import app_builder
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "serve_config.yaml"
+    application = yaml.safe_load(example.read_text())["applications"][0]
+    assert application["import_path"] == "conveyor.distributed.app:app_builder"
+    engines = app_builder(application["args"])._bound_deployment.init_args[0]  # the ingress's engine handle
+    assert engines._bound_deployment.num_replicas == 2
+    assert engines._bound_deployment._deployment_config.max_ongoing_requests == 64 + 64
+
+
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from conveyor.config import EngineConfig
