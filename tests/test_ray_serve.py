@@ -170,3 +170,12 @@ def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str)
     _wait_for(lambda: (lambda h: h["replicas"] == 2 and victim not in h["replica"])(
         httpx.get(f"{base_url}/health").json()), 60, "the dead replica's replacement")
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+
+
+def test_cli_refuses_bad_ray_flags() -> None:
+    from conveyor.cli import main
+
+    with pytest.raises(SystemExit, match="--num-replicas must be at least 1"):
+        main(["serve", "--ray", "--num-replicas", "0"])
+    with pytest.raises(SystemExit, match="--record-trace is not available with --ray"):
+        main(["serve", "--ray", "--record-trace", "trace.jsonl"])

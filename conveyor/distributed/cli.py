@@ -22,6 +22,10 @@ def serve_ray(args: argparse.Namespace) -> int:
 
     from conveyor.distributed.app import build_app
 
+    if args.record_trace:
+        raise SystemExit("conveyor serve: --record-trace is not available with --ray (each replica sees a part)")
+    if args.num_replicas < 1:
+        raise SystemExit(f"conveyor serve: --num-replicas must be at least 1, got {args.num_replicas}")
     try:
         config = EngineConfig.from_cli_args(args, enable_step_trace=args.step_trace)
     except ValueError as error:

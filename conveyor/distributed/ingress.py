@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from conveyor.config import EngineConfig, ModelConfig
@@ -99,7 +101,7 @@ class ReplicaPool:
                     request_id: str) -> DeploymentResponseGenerator:
         """Send the request until a replica accepts it; raise ValueError for what no engine can run."""
         for attempt in range(self.max_attempts):
-            generator = self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
+            generator = self._send(prompt_ids, params, request_id)
             try:
                 await generator.__anext__()  # the replica's "accepted" marker
             except RayTaskError as error:
@@ -114,6 +116,19 @@ class ReplicaPool:
             self._generators[request_id] = generator
             return generator
         raise EngineDeadError(f"no engine replica accepted request {request_id} in {self.max_attempts} attempts")
+
+    def _send(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> DeploymentResponseGenerator:
+        # NOTE: Serve tags every handle call made while serving one HTTP request with that request's
+        # internal id, and its router indexes the calls it is placing by that id: the n engine requests
+        # of an n > 1 request, placed at once, overwrite each other there and one can wait forever
+        # (seen with Ray 2.60). Each call gets an id of its own.
+        context = serve_context._get_serve_request_context()
+        token = serve_context._serve_request_context.set(
+            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+        try:
+            return self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
+        finally:
+            serve_context._serve_request_context.reset(token)
 
     async def _iterate(self, generator: DeploymentResponseGenerator, prompt_ids: list[int],
                        params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
