@@ -109,6 +109,9 @@ def test_same_api_as_conveyor_serve(base_url: str) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi", max_tokens=1)
     assert httpx.post(f"{base_url}/v1/completions", content=b"{not json").status_code == 400
+    paths = set(httpx.get(f"{base_url}/openapi.json").json()["paths"])
+    assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                     "/reset_prefix_cache", "/tokenize", "/detokenize"}  # conveyor serve's, less the dashboard
 
 
 def test_health_and_metrics_per_replica(base_url: str) -> None:
@@ -146,14 +149,21 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
     assert sum(h["cached_blocks"] > 0 for h in httpx.get(f"{base_url}/health").json()["replica"].values()) == 2
 
 
+@pytest.mark.slow  # waits for Serve to start a replacement replica
 def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str) -> None:
     httpx.post(f"{base_url}/reset_prefix_cache")
     prompt = [150 + i % 7 for i in range(40)]
+    primed = time.time()
     _complete(base_url, prompt, max_tokens=1)  # caches the prompt on one replica: the stream below follows it
-    _wait_for(lambda: any(h["cached_blocks"] for h in httpx.get(f"{base_url}/health").json()["replica"].values()),
-              10, "a report of the cached prompt")
+
+    def reported_since_primed() -> bool:
+        return all(h["reported_at"] > primed + 0.1 for h in httpx.get(f"{base_url}/health").json()["replica"].values())
+
+    _wait_for(reported_since_primed, 10, "reports made after the prompt was cached")
     before = httpx.get(f"{base_url}/health").json()["replica"]
-    victim = next(replica for replica, h in before.items() if h["cached_blocks"])
+    holders = [replica for replica, h in before.items() if h["cached_blocks"]]
+    assert len(holders) == 1, before
+    victim = holders[0]
     events = []
     body = {"prompt": prompt + [9], "max_tokens": 460, "temperature": 0.0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
