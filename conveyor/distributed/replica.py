@@ -1,9 +1,12 @@
 """One engine replica: a conveyor engine with its own KV cache and prefix cache inside a Ray Serve replica.
 
-The engine loop runs in AsyncLLM's own thread, as it does for any embedding of the engine: a Serve
-replica's main thread belongs to Ray's task loop and its event loop to Serve. With one torch thread per
-replica (how replicas share a machine) no OpenMP team is started at all, so that thread costs nothing;
-with more, each parallel op pays the thread's OpenMP start-up (docs/scaling.md has the measurement).
+The engine loop runs in a thread of its own (a Serve replica's main thread belongs to Ray's task loop
+and its event loop to Serve), and the engine is built in that same thread, so that it is the only thread
+of the process that ever starts an OpenMP team. GNU OpenMP keeps a pool of workers per thread that
+starts teams; once the pools' workers outnumber the cores, every worker barely spins before it sleeps,
+and each parallel op pays a wake-up (docs/scaling.md: ~5 µs per small op on one team, ~25-30 µs once a
+second thread has started one). That, not the thread itself, is what made `conveyor serve`'s loop
+slow off the main thread when the model had been loaded on the main thread.
 
 What the router needs (`record_routing_stats`, polled by Serve): the prefix cache's block hashes, the
 queues and the KV usage, and the replica's Prometheus text for the ingress's `/metrics`.
@@ -11,7 +14,9 @@ queues and the KV usage, and the replica's Prometheus text for the ingress's `/m
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -34,10 +39,24 @@ class EngineReplica:
     """The body of the engine deployment (`app.build_app` wraps it with `serve.deployment`)."""
 
     def __init__(self, config: EngineConfig, model_name: str | None, log_interval: float = 5.0) -> None:
-        self.engine = LLMEngine(config)
-        self.metrics = ServerMetrics(model_name or Path(self.engine.model_path).stem)
-        self.llm = AsyncLLM(self.engine, log_interval=log_interval, observer=self.metrics.observe_step,
-                            queue_observer=self.metrics.observe_queue)
+        ready: concurrent.futures.Future[tuple[AsyncLLM, ServerMetrics]] = concurrent.futures.Future()
+
+        def engine_thread() -> None:
+            # The engine is built in the thread that steps it: see the module's docstring.
+            try:
+                engine = LLMEngine(config)
+                metrics = ServerMetrics(model_name or Path(engine.model_path).stem)
+                llm = AsyncLLM(engine, log_interval=log_interval, observer=metrics.observe_step,
+                               queue_observer=metrics.observe_queue, start_thread=False)
+            except BaseException as error:
+                ready.set_exception(error)
+                return
+            ready.set_result((llm, metrics))
+            llm.run()
+
+        threading.Thread(target=engine_thread, name="conveyor-engine", daemon=True).start()
+        self.llm, self.metrics = ready.result()
+        self.engine = self.llm.engine
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput | None]:
