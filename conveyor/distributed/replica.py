@@ -1,12 +1,10 @@
 """One engine replica: a conveyor engine with its own KV cache and prefix cache inside a Ray Serve replica.
 
 The engine loop runs in a thread of its own (a Serve replica's main thread belongs to Ray's task loop
-and its event loop to Serve), and the engine is built in that same thread, so that it is the only thread
-of the process that ever starts an OpenMP team. GNU OpenMP keeps a pool of workers per thread that
-starts teams; once the pools' workers outnumber the cores, every worker barely spins before it sleeps,
-and each parallel op pays a wake-up (docs/scaling.md: ~5 µs per small op on one team, ~25-30 µs once a
-second thread has started one). That, not the thread itself, is what made `conveyor serve`'s loop
-slow off the main thread when the model had been loaded on the main thread.
+and its event loop to Serve), and the engine is built in that same thread, so that one thread of the
+process starts torch's OpenMP teams, as in `conveyor serve`. Off the main thread, small parallel ops
+were measured slower there (docs/scaling.md); with one torch thread per replica (how replicas share a
+machine) no team is started at all.
 
 What the router needs (`record_routing_stats`, polled by Serve): the prefix cache's block hashes, the
 queues and the KV usage, and the replica's Prometheus text for the ingress's `/metrics`.
