@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: httpx logs every request at INFO; a benchmark client sends hundreds of them.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if getattr(args, "ray", False):  # `conveyor serve --ray`: the Serve application above the server layer
+        from conveyor.distributed.cli import serve_ray
+
+        return serve_ray(args)
     return args.handler(args)
 
 

@@ -102,6 +102,10 @@ class BlockPool:
             return None
         return block
 
+    def cached_hashes(self) -> list[int]:
+        """The hashes of every findable block, owned or evictable (what a prefix-aware router matches)."""
+        return list(self._cached)
+
     def key_of(self, block: int) -> tuple[int, int]:
         """How a child block names this one as its parent."""
         return block, self.generations[block]

@@ -101,6 +101,10 @@ class LLMEngine:
         findable."""
         return self.scheduler.kv_cache.reset_prefix_cache()
 
+    def cached_block_hashes(self) -> list[int]:
+        """The prefix cache's block hashes (see `kv_cache.prefix_block_hashes`), for a router to match."""
+        return self.scheduler.kv_cache.pool.cached_hashes()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

@@ -25,6 +25,15 @@ def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
 
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The hashes the prefix cache files a prompt's full blocks under: what a router outside the engine
+    matches against the hashes an engine reports (`BlockPool.cached_hashes`)."""
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        hashes.append(hash_block(hashes[-1] if hashes else _ROOT_HASH, tuple(token_ids[start:start + block_size])))
+    return hashes
+
+
 class KVCacheManager:
     """Per-request block tables over one `BlockPool`. Allocation is all or nothing."""
 

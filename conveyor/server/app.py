@@ -7,6 +7,7 @@ Routes only parse, call a serving object (`completions.py`, `chat.py`; what they
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,8 +44,10 @@ _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "
 
 
 def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
-              step_stream: StepStream | None = None) -> FastAPI:
-    """`step_stream` (fed by the engine loop's observer) adds the dashboard and its step stream."""
+              step_stream: StepStream | None = None,
+              health: Callable[[], tuple[bool, dict[str, Any]]] | None = None) -> FastAPI:
+    """`step_stream` (fed by the engine loop's observer) adds the dashboard and its step stream. `health`
+    replaces `/health`'s check (alive, body): conveyor.distributed's ingress reports its replicas there."""
     app = FastAPI(title="conveyor", version="0.1.0")
     app.add_middleware(RequestGuard, settings=settings.guard)
     install_openapi(app)
@@ -102,7 +105,10 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
                                             "owned_by": "conveyor", "max_model_len": engine.max_model_len}]}
 
     @app.get("/health", responses=error_responses(503))
-    async def health() -> Response:
+    async def health_check() -> Response:
+        if health is not None:
+            alive, body = health()
+            return JSONResponse(body, status_code=200 if alive else 503)
         if not llm.is_alive:
             return JSONResponse({"status": "engine loop stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -115,6 +121,8 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
     async def reset_prefix_cache() -> dict[str, Any]:
         """Forget every cached prefix (as vLLM's admin endpoint); running requests keep their blocks."""
         forgotten = await llm.call(lambda engine: engine.reset_prefix_cache())
+        if isinstance(forgotten, list):  # conveyor.distributed: one count a replica
+            return {"reset": True, "num_blocks_forgotten": sum(forgotten), "num_replicas": len(forgotten)}
         return {"reset": True, "num_blocks_forgotten": forgotten}
 
     @app.post("/tokenize", responses=error_responses(400, 401, 404, 408, 413, 500))

@@ -133,5 +133,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--record-trace", default=None, metavar="FILE",
                        help="append each finished request's arrival time, prompt and output lengths and shared "
                             "prefix (no text) to FILE as JSON lines, for `conveyor tune --trace`")
+    ray = serve.add_argument_group("Ray Serve (conveyor.distributed; needs the `ray` extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve from a Ray Serve application: an ingress and --num-replicas engine replicas")
+    ray.add_argument("--num-replicas", type=int, default=1,
+                     help="engine replicas, each with its own KV cache and --num-threads (default: the cores "
+                          "shared out) torch threads (default %(default)s)")
+    ray.add_argument("--router", choices=("prefix", "pow2", "random"), default="prefix",
+                     help="how requests pick a replica: the longest cached prefix, Serve's power of two "
+                          "choices, or at random (default %(default)s)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     EngineConfig.add_cli_args(serve)
     serve.set_defaults(handler=_serve)

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Request
 
-from conveyor.engine.async_engine import AsyncLLM
+from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.engine.parallel_sampling import ParentRequest
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams, StructuredOutputsParams
@@ -212,6 +212,8 @@ def _sse(payload: dict[str, Any]) -> str:
 def _sse_error(error: Exception, request: Request) -> str:
     request_id = request.scope.get(REQUEST_ID_KEY, "unknown")
     logger.error("request %s failed mid-stream: %r", request_id, error)
+    if isinstance(error, EngineDeadError):  # the engine (or its replica) is gone: say so, as a 503 would
+        return _sse(error_body(str(error), "service_unavailable_error", 503))
     return _sse(error_body(f"internal error (request id {request_id})", "internal_server_error", 500))
 
 

@@ -1,0 +1,218 @@
+"""The ingress: conveyor's own FastAPI app (`server.app.build_app`: same routes, errors and streaming) over
+`ReplicaPool`, which stands in for the AsyncLLM and sends each engine request to a replica through a
+Serve handle (and so through the deployment's request router).
+
+Faults: a replica that dies while a request waits for its first output is not the client's problem: the
+request is sent again (the router has dropped the dead replica, or learns it now). Once an output has
+been handed on, the request cannot be resumed elsewhere: it fails with `ReplicaDiedError` (a 503 before
+the response started; an error event in a stream that had). Serve replaces the dead replica meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve import context as serve_context
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from conveyor.config import EngineConfig, ModelConfig
+from conveyor.distributed.router import ROUTERS
+from conveyor.engine.async_engine import EngineDeadError
+from conveyor.engine.engine import LLMEngine
+from conveyor.outputs import RequestOutput
+from conveyor.sampling_params import SamplingParams
+from conveyor.server.app import build_app
+from conveyor.server.serving import ServerSettings
+from conveyor.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+_HEALTH_KEYS = ("pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
+
+
+class ReplicaDiedError(EngineDeadError):
+    """The replica running a request died after part of its output was sent: it cannot be resumed."""
+
+
+@dataclasses.dataclass
+class EngineFacts:
+    """What the HTTP layer reads of an engine (`llm.engine`), known in the ingress without a model."""
+
+    config: EngineConfig  # max_num_seqs is the seats of every replica together: admission's limit
+    model_config: ModelConfig
+    max_model_len: int
+    tokenizer: Tokenizer
+
+
+class ReplicaPool:
+    """The AsyncLLM interface the serving layer uses (add_request, abort, call, is_alive, engine), over
+    the engine deployment's replicas."""
+
+    def __init__(self, handle: DeploymentHandle, facts: EngineFacts, num_replicas: int,
+                 max_attempts: int = 4, retry_backoff_s: float = 0.5) -> None:
+        self.handle = handle
+        self.engine = facts
+        self.num_replicas = num_replicas  # the target; Serve keeps it so
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self._generators: dict[str, DeploymentResponseGenerator] = {}
+
+    @property
+    def replicas(self) -> dict[str, dict[str, Any]]:
+        """The live replicas this process routes to, with what each last reported."""
+        router = ROUTERS.get(self.handle.deployment_name)
+        if router is None:
+            return {}
+        return {r.replica_id.unique_id: r.routing_stats for r in router.curr_replicas.values()}
+
+    @property
+    def is_alive(self) -> bool:
+        return bool(self.replicas)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        replicas = self.replicas
+        status = "ok" if len(replicas) >= self.num_replicas else ("degraded" if replicas else "no replicas")
+        details = {replica: {key: stats.get(key) for key in _HEALTH_KEYS} | {
+                       "cached_blocks": len(stats.get("cached_block_hashes", ()))}
+                   for replica, stats in sorted(replicas.items())}
+        return bool(replicas), {"status": status, "replicas": len(replicas), "target_replicas": self.num_replicas,
+                                "replica": details}
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str) -> AsyncIterator[RequestOutput]:
+        # Token ids, so that the router can match the prompt's blocks (as LLMEngine.add_request encodes).
+        prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        generator = await self._open(prompt_ids, params, request_id)
+        return self._iterate(generator, prompt_ids, params, request_id)
+
+    async def _open(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> DeploymentResponseGenerator:
+        """Send the request until a replica accepts it; raise ValueError for what no engine can run."""
+        for attempt in range(self.max_attempts):
+            generator = self._send(prompt_ids, params, request_id)
+            try:
+                await generator.__anext__()  # the replica's "accepted" marker
+            except RayTaskError as error:
+                if isinstance(error.cause, ValueError):
+                    raise ValueError(str(error.cause)) from None
+                raise
+            except _REPLICA_GONE as error:
+                logger.warning("request %s: its replica died before accepting it (%r); sending it again",
+                               request_id, error)
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
+                continue
+            self._generators[request_id] = generator
+            return generator
+        raise EngineDeadError(f"no engine replica accepted request {request_id} in {self.max_attempts} attempts")
+
+    def _send(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> DeploymentResponseGenerator:
+        # NOTE: Serve tags every handle call made while serving one HTTP request with that request's
+        # internal id, and its router indexes the calls it is placing by that id: the n engine requests
+        # of an n > 1 request, placed at once, overwrite each other there and one can wait forever
+        # (seen with Ray 2.60). Each call gets an id of its own.
+        context = serve_context._get_serve_request_context()
+        token = serve_context._serve_request_context.set(
+            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+        try:
+            return self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
+        finally:
+            serve_context._serve_request_context.reset(token)
+
+    async def _iterate(self, generator: DeploymentResponseGenerator, prompt_ids: list[int],
+                       params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        handed_on = finished = False
+        try:
+            while True:
+                try:
+                    output = await generator.__anext__()
+                except StopAsyncIteration:
+                    return
+                except _REPLICA_GONE as error:
+                    if handed_on:
+                        raise ReplicaDiedError(
+                            f"the engine replica running request {request_id} died after part of the output "
+                            f"was sent; it cannot be resumed, send it again ({type(error).__name__})") from None
+                    logger.warning("request %s: its replica died before the first output; sending it again",
+                                   request_id)
+                    generator = await self._open(prompt_ids, params, request_id)
+                    continue
+                handed_on = True
+                yield output
+                if output.finished:
+                    finished = True
+                    return
+        finally:
+            self._generators.pop(request_id, None)
+            if not finished:
+                generator.cancel()  # Serve cancels the replica's generator, which aborts the request
+
+    def abort(self, request_id: str) -> None:
+        generator = self._generators.pop(request_id, None)
+        if generator is not None:
+            generator.cancel()
+
+    async def call(self, function: Callable[[LLMEngine], T]) -> list[T]:
+        """`function(engine)` on every live replica; their results, one a replica."""
+        results = []
+        for target in list(self.replicas_full_ids()):
+            for _ in range(self.max_attempts):
+                reached, result = await self.handle.call.remote(function, target_replica=target)
+                if reached == target:
+                    results.append(result)
+                    break
+        return results
+
+    def replicas_full_ids(self) -> Iterator[str]:
+        router = ROUTERS.get(self.handle.deployment_name)
+        if router is not None:
+            yield from (replica_id.to_full_id_str() for replica_id in router.curr_replicas)
+
+
+class ReplicaMetrics:
+    """`/metrics` across replicas: each replica's own families (from its last report), labelled `replica`,
+    and the number of live replicas. Serve polls the reports every `request_routing_stats_period_s`."""
+
+    def __init__(self, pool: ReplicaPool) -> None:
+        self.pool = pool
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Iterator[Metric]:
+        replicas = self.pool.replicas
+        live = GaugeMetricFamily("conveyor:replicas", "Engine replicas the ingress routes to")
+        live.add_metric([], len(replicas))
+        yield live
+        families: dict[str, Metric] = {}
+        for replica, stats in sorted(replicas.items()):
+            for family in text_string_to_metric_families(stats.get("metrics", "")):
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value,
+                                      sample.timestamp)
+        yield from families.values()
+
+
+async def build_ingress_app(handle: DeploymentHandle, settings: ServerSettings, num_replicas: int) -> Any:
+    """The FastAPI app of the ingress, once a replica has said how its engine is configured."""
+    info = await handle.info.remote()
+    config: EngineConfig = info["config"]
+    assert config.tokenizer is not None
+    tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
+    if not settings.model_name:  # as `conveyor serve` names it
+        settings = dataclasses.replace(settings, model_name=Path(info["model_path"]).stem)
+    seats = dataclasses.replace(config, max_num_seqs=config.max_num_seqs * num_replicas)
+    pool = ReplicaPool(handle, EngineFacts(seats, info["model_config"], info["max_model_len"], tokenizer),
+                       num_replicas)
+    return build_app(pool, settings, ReplicaMetrics(pool), health=pool.health)  # type: ignore[arg-type]
