@@ -51,6 +51,26 @@ def test_onednn_int8_linear_computes_what_the_int_mm_path_computes(num_rows: int
     ours = OneDNNInt8Linear(weight, bias)(x)
     assert ours.shape == (num_rows, 700)
     assert torch.equal(ours, reference)
+    smooth = torch.rand(640, generator=generator) * 4 + 0.25
+    assert torch.equal(OneDNNInt8Linear(weight, bias, smooth)(x), Int8Linear(weight, bias, smooth)(x))
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weight() -> None:
+    """One input channel 100x the others sets every token's int8 step; dividing it out before rounding
+    (and multiplying it into the weight's column) keeps the other channels' precision."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 256, generator=generator) * 0.05
+    x = torch.randn(32, 256, generator=generator)
+    x[:, 7] *= 100.0
+    expected = x @ weight.t()
+    smooth = torch.ones(256)
+    smooth[7] = 30.0
+
+    def error(layer: Int8Linear) -> float:
+        return float((layer(x) - expected).norm() / expected.norm())
+
+    plain, smoothed = error(Int8Linear(weight)), error(Int8Linear(weight, smooth=smooth))
+    assert smoothed < plain / 2, (plain, smoothed)
 
 
 @pytest.mark.parametrize("architecture", ["gemma3", "llama"])

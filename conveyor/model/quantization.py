@@ -29,11 +29,22 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """`y = x @ W.T + b` with W stored as int8 [in, out] (transposed for `_int_mm`) and per-row scales."""
+    """`y = x @ W.T + b` with W stored as int8 [in, out] (transposed for `_int_mm`) and per-row scales.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    `smooth` (one factor per input channel, SmoothQuant): the weight's columns are multiplied by it before
+    rounding and the activations divided by it before theirs, so a channel with outsized activations no
+    longer sets every token's int8 step; the product is unchanged in exact arithmetic.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None) -> None:
         super().__init__()
-        quantized, scale = quantize_rows(weight.detach().float())
+        weight = weight.detach().float()
+        self.inv_smooth: torch.Tensor | None = None
+        if smooth is not None:
+            weight = weight * smooth.float()[None, :]
+            self.inv_smooth = (1.0 / smooth.float()).contiguous()
+        quantized, scale = quantize_rows(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight_scale", scale.squeeze(1))  # [out_features], fp32
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -49,7 +60,10 @@ class Int8Linear(nn.Module):
         return torch._int_mm(quantized, self.weight_t).float().mul_(self.weight_scale).mul_(row_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._scaled_matmul(x.reshape(-1, self.in_features).float())
+        rows = x.reshape(-1, self.in_features).float()
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
+        out = self._scaled_matmul(rows)
         if self.bias is not None:
             out.add_(self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
