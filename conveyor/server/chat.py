@@ -13,7 +13,7 @@ from conveyor.server.admission import GroupStreamingResponse
 from conveyor.server.errors import APIError
 from conveyor.server.protocol import ChatCompletionRequest, new_id, now
 from conveyor.server.responses import chat_logprobs
-from conveyor.server.serving import GenerationServing, finals_usage, finish_reason, sse_events
+from conveyor.server.serving import GenerationServing, finals_usage, finish_reason, usage_block
 from conveyor.tokenizer import Tokenizer
 
 
@@ -35,32 +35,42 @@ class ChatServing(GenerationServing):
         params = self.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, body.n)
         request_id = new_id("chatcmpl")
         group = await self.start(ParentRequest(request_id, [prompt_ids], params))
-        base = {"id": request_id, "created": now(), "model": self.settings.model_name}
+        base = {"id": request_id, "created": now(), "model": self.settings.model_name,
+                "system_fingerprint": self.system_fingerprint}
 
         def logprobs(output: RequestOutput, num_tokens: int) -> dict[str, Any] | None:
             return chat_logprobs(self.tokenizer, output, num_tokens, top or 0) if body.logprobs else None
 
         if body.stream:
             chunk = {**base, "object": "chat.completion.chunk"}
+            options = body.stream_options
+            opening_usage = {"usage": usage_block(len(prompt_ids), 0, 0)} \
+                if options and options.continuous_usage_stats else {}
             opening = [{**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}]} for index in range(body.n)]
+                                              "finish_reason": None}], **opening_usage} for index in range(body.n)]
+            # Tokens whose text is held back (a possible stop string, half a UTF-8 character) send no chunk
+            # yet: their logprobs wait here and go out with the next chunk of that choice, so each token's
+            # logprob reaches the client exactly once.
+            unsent_tokens = [0] * body.n
 
             def render(index: int, output: RequestOutput) -> dict[str, Any] | None:
+                unsent_tokens[index] += len(output.delta_token_ids)
                 if not (output.delta_text or output.finished):
                     return None
                 choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason(output),
                                           "delta": {"content": output.delta_text} if output.delta_text else {}}
                 if body.logprobs:
-                    choice["logprobs"] = logprobs(output, len(output.delta_token_ids))
+                    choice["logprobs"] = logprobs(output, unsent_tokens[index])
+                unsent_tokens[index] = 0
+                if output.finished:
+                    choice["stop_reason"] = output.outputs[0].stop_reason
                 return choice
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return GroupStreamingResponse(
-                sse_events(group, request, chunk, body.n, render, include_usage, opening), group)
+            return GroupStreamingResponse(self.events(group, request, chunk, body.n, render, body, opening), group)
 
         finals = await self.collect(group, request)
         choices = [{"index": index, "message": {"role": "assistant", "content": final.outputs[0].text},
-                    "finish_reason": finish_reason(final),
+                    "finish_reason": finish_reason(final), "stop_reason": final.outputs[0].stop_reason,
                     "logprobs": logprobs(final, len(final.outputs[0].token_ids))}
                    for index, final in enumerate(finals)]
         return JSONResponse({**base, "object": "chat.completion", "choices": choices,

@@ -55,7 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
     guard = GuardSettings(api_key=args.api_key, public_metrics=args.public_metrics,
                           max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     settings = ServerSettings(model_name=model_name, guard=guard, max_queue_len=args.max_queue_len,
-                              max_choices_per_request=args.max_choices_per_request)
+                              max_choices_per_request=args.max_choices_per_request,
+                              sse_keepalive=args.sse_keepalive, allowed_origins=args.allowed_origins or [])
     app = build_app(llm, settings, metrics, step_stream)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -116,6 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="seconds a request gets to send its whole body; slower ones get 408")
     serve.add_argument("--graceful-timeout", type=int, default=30,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="answer CORS requests from these browser origins (e.g. http://localhost:3000, or * for "
+                            "any); default: no CORS headers, so browsers on other origins are refused")
+    serve.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
+                       help="send a ': keep-alive' comment on a stream silent this long (a long prefill, a queue); "
+                            "0 never (default %(default)s)")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     serve.add_argument("--no-dashboard", action="store_true",
                        help="serve neither /dashboard nor its step stream /v1/engine/steps")
