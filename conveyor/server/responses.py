@@ -49,7 +49,10 @@ def echoed_prompt_logprobs(tokenizer: Tokenizer, output: RequestOutput, top_n: i
     """The completions logprobs of the prompt tokens (for `echo`): the first token has none, as in OpenAI's."""
     texts = [_text(tokenizer, token) for token in output.prompt_token_ids]
     positions = output.prompt_logprobs or [None] * len(texts)
-    offsets = [sum(len(t) for t in texts[:index]) for index in range(len(texts))]
+    offsets, offset = [], 0
+    for token in output.prompt_token_ids:  # into the echoed text, which leaves special tokens out
+        offsets.append(offset)
+        offset += len(tokenizer.decode([token]))
     return {
         "tokens": texts,
         "token_logprobs": [None if p is None else p[token].logprob
