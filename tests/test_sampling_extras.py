@@ -30,10 +30,10 @@ def test_logit_bias_applies_per_row_and_rows_without_it_take_the_fast_path() -> 
     assert apply_logit_bias(logits, unbiased) is logits  # no copy, no work
     metadata = SamplingMetadata([_row(temperature=0.0, logit_bias={7: 100.0}), _row(temperature=0.0),
                                  _row(temperature=0.0, logit_bias={int(logits[2].argmax()): -100.0, 9: 0.5})])
-    biased = apply_logit_bias(logits, metadata)
+    biased = apply_logit_bias(logits.clone(), metadata)
     assert torch.equal(biased[1], logits[1])
     assert biased[0, 7] == logits[0, 7] + 100.0 and biased[2, 9] == logits[2, 9] + 0.5
-    tokens = Sampler()(logits, metadata).token_ids
+    tokens = Sampler()(logits.clone(), metadata).token_ids
     assert tokens[0] == 7 and tokens[1] == int(logits[1].argmax())
     assert tokens[2] != int(logits[2].argmax())
 
