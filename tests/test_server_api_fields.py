@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from conveyor.server.protocol import NOT_YET_SUPPORTED, UNSUPPORTED
-from conveyor.server.serving import KEEPALIVE_EVENT, with_keepalive
+from conveyor.server.serving import KEEPALIVE, merge_streams
 from tests.server_utils import RunningServer, running_server
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -192,7 +192,10 @@ def test_streamed_chat_logprobs_reach_the_client_once_per_token(client: openai.O
     streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs
                 for entry in c.choices[0].logprobs.content]
     assert len(streamed) == 20
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    expected = whole.choices[0].logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in expected]
+    # NOTE: close, not equal: the second request's prompt comes from the prefix cache (other matmul shapes)
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, expected))
 
 
 def test_echo_with_logprobs_scores_the_prompt_streamed_and_not(client: openai.OpenAI, model: str) -> None:
@@ -221,31 +224,31 @@ def test_keepalive_comments_do_not_disturb_the_client(server: RunningServer, cli
     assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **args)) == whole.choices[0].text
 
 
-def test_keepalive_fills_silences_and_closes_its_source() -> None:
+def test_keepalive_fills_silences_and_ends_with_the_streams() -> None:
     closed: list[bool] = []
 
-    async def slow() -> AsyncIterator[str]:
+    async def slow() -> AsyncIterator[Any]:
         try:
-            yield "data: 1\n\n"
-            await asyncio.sleep(0.12)
-            yield "data: 2\n\n"
+            yield "first"
+            await asyncio.sleep(0.13)
+            yield "second"
             await asyncio.sleep(10)
             yield "never"
         finally:
             closed.append(True)
 
-    async def main() -> list[str]:
-        events, seen = with_keepalive(slow(), 0.05), []
-        async for event in events:
-            seen.append(event)
-            if event == "data: 2\n\n":
+    async def main() -> list[Any]:
+        seen = []
+        merged = merge_streams([slow()], keepalive=0.05)
+        async for _, item in merged:
+            seen.append(item)
+            if item == "second":
                 break
-        await events.aclose()
+        await merged.aclose()  # type: ignore[attr-defined]
         return seen
 
     seen = asyncio.run(main())
-    assert seen[0] == "data: 1\n\n" and seen[-1] == "data: 2\n\n" and seen.count(KEEPALIVE_EVENT) == 2
-    assert closed == [True]
+    assert seen == ["first", KEEPALIVE, KEEPALIVE, "second"] and closed == [True]
 
 
 # ---- CORS and sampling defaults: servers of their own -------------------------------------------

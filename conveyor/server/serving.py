@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,9 +126,9 @@ class GenerationServing:
                body: SamplingFields, opening: Iterable[dict[str, Any]] = ()) -> AsyncIterator[str]:
         """The request's server-sent events, as its `stream_options` ask, with keep-alive comments."""
         options = body.stream_options
-        events = sse_events(group, request, base, n, render, bool(options and options.include_usage), opening,
-                            continuous_usage=bool(options and options.continuous_usage_stats))
-        return with_keepalive(events, self.settings.sse_keepalive)
+        return sse_events(group, request, base, n, render, bool(options and options.include_usage), opening,
+                          continuous_usage=bool(options and options.continuous_usage_stats),
+                          keepalive=self.settings.sse_keepalive)
 
     async def start(self, parent: ParentRequest) -> RequestGroup:
         """Admit and queue every engine request of `parent`; all validated before any output is produced.
@@ -179,16 +179,20 @@ ChunkRenderer = Callable[[int, RequestOutput], "dict[str, Any] | None"]
 
 async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any], n: int,
                      render: ChunkRenderer, include_usage: bool,
-                     opening: Iterable[dict[str, Any]] = (), continuous_usage: bool = False
-                     ) -> AsyncGenerator[str, None]:
+                     opening: Iterable[dict[str, Any]] = (), continuous_usage: bool = False,
+                     keepalive: float = 0.0) -> AsyncIterator[str]:
     """The one server-sent-events writer: `opening` chunks, then each output rendered as a chunk's choice
     (`render` returns None to send nothing for it), the usage chunk if asked for, and `[DONE]`. With
-    `continuous_usage` every chunk after the opening ones carries the usage so far (vLLM's extension). A
-    failure after the 200 went out becomes an error event, as vLLM sends it."""
+    `continuous_usage` every chunk after the opening ones carries the usage so far (vLLM's extension); a
+    silence of `keepalive` seconds (0: never) gets a keep-alive comment. A failure after the 200 went out
+    becomes an error event, as vLLM sends it."""
     for chunk in opening:
         yield _sse(chunk)
     usage = UsageCounter(n)
-    async for index, output in merge_streams(group.streams):
+    async for index, output in merge_streams(group.streams, keepalive):
+        if output is KEEPALIVE:
+            yield KEEPALIVE_EVENT
+            continue
         if isinstance(output, Exception):
             yield _sse_error(output, request)
             break
@@ -201,36 +205,12 @@ async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any]
     yield "data: [DONE]\n\n"
 
 
+class _KeepAlive:
+    pass
+
+
+KEEPALIVE = _KeepAlive()  # what merge_streams yields after a silence
 KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: clients skip it
-
-
-async def with_keepalive(events: AsyncGenerator[str, None], interval: float) -> AsyncIterator[str]:
-    """`events`, with a keep-alive comment after each `interval` seconds without one (0: none)."""
-    pending: asyncio.Future[str] | None = None
-    try:
-        while interval <= 0:
-            try:
-                yield await events.__anext__()
-            except StopAsyncIteration:
-                return
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait([pending], timeout=interval)
-            if not done:
-                yield KEEPALIVE_EVENT
-                continue
-            finished, pending = pending, None
-            try:
-                event = finished.result()
-            except StopAsyncIteration:
-                return
-            yield event
-    finally:
-        if pending is not None:  # the client went away mid-wait: end the events (their finally aborts)
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await events.aclose()
 
 
 def system_fingerprint(config: EngineConfig) -> str:
@@ -254,11 +234,14 @@ def _sse_error(error: Exception, request: Request) -> str:
     return _sse(error_body(f"internal error (request id {request_id})", "internal_server_error", 500))
 
 
-async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
-                        ) -> AsyncIterator[tuple[int, RequestOutput | Exception]]:
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]], keepalive: float = 0.0
+                        ) -> AsyncIterator[tuple[int, RequestOutput | Exception | _KeepAlive]]:
     """Interleave several requests' outputs as they come, tagged with their choice index; a stream that
-    fails yields its exception, and the caller stops there."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+    fails yields its exception, and the caller stops there. After `keepalive` seconds without an output
+    (0: never) it yields `(-1, KEEPALIVE)`."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | _KeepAlive | None]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -273,12 +256,18 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
     try:
         remaining = len(streams)
         while remaining:
+            if keepalive > 0:  # NOTE: a timer, not a task or a wait_for per output: this runs for every token
+                if timer is not None:
+                    timer.cancel()
+                timer = loop.call_later(keepalive, queue.put_nowait, (-1, KEEPALIVE))
             index, output = await queue.get()
             if output is None:
                 remaining -= 1
             else:
                 yield index, output
     finally:
+        if timer is not None:
+            timer.cancel()
         for task in tasks:
             task.cancel()  # a stream cancelled mid-way aborts its request
         await asyncio.gather(*tasks, return_exceptions=True)
