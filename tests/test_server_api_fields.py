@@ -194,8 +194,9 @@ def test_streamed_chat_logprobs_reach_the_client_once_per_token(client: openai.O
     assert len(streamed) == 20
     expected = whole.choices[0].logprobs.content
     assert [e.token for e in streamed] == [e.token for e in expected]
-    # NOTE: close, not equal: the second request's prompt comes from the prefix cache (other matmul shapes)
-    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, expected))
+    # NOTE: close, not equal: the second request's prompt may come from the prefix cache (other matmul shapes)
+    drift = max(abs(a.logprob - b.logprob) for a, b in zip(streamed, expected))
+    assert drift < 1e-3, drift
 
 
 def test_echo_with_logprobs_scores_the_prompt_streamed_and_not(client: openai.OpenAI, model: str) -> None:
