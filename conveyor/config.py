@@ -124,6 +124,10 @@ class EngineConfig:
                                        "faster on CPUs), torch (the reference path), or auto (onednn where it "
                                        "can run, else torch)", choices=LINEAR_KERNELS)
     chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
+    generation_config: str = _knob("auto", "sampling defaults for the fields a request leaves unset: auto (the "
+                                           "model's generation_config.json, or a GGUF's general.sampling.* keys), "
+                                           "vllm (the engine's neutral defaults), or a directory holding a "
+                                           "generation_config.json")
     enable_prefix_caching: bool = _knob(True, "reuse the KV blocks of prompt prefixes seen before (system "
                                               "prompts, earlier turns of a conversation)")
     enable_step_trace: bool = _knob(True, "record every step (memory grows with load)", cli=False)

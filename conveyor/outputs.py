@@ -48,6 +48,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     # Streaming: the text and token ids added since the previous output of this request.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

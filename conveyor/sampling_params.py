@@ -46,7 +46,10 @@ class SamplingParams:
 
     temperature 0 means greedy. `seed` gives the request its own generator, so its tokens do not
     depend on what else shares the batch. `logprobs=N` returns the chosen token's log-probability and
-    the top-N alternatives at each generated position.
+    the top-N alternatives at each generated position; `prompt_logprobs=N` does the same for each prompt
+    token after the first (such a request skips the prefix cache: every position must be computed).
+    `logit_bias` adds a bias to chosen tokens' logits before sampling (OpenAI's meaning). `best_of`
+    samples that many and keeps the `n` of highest cumulative log-probability (`parallel_sampling`).
     """
 
     n: int = 1
@@ -65,8 +68,11 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +99,11 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
+            (all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in (self.logit_bias or {}).items()),
+             "logit_bias maps non-negative token ids to biases in [-100, 100]"),
+            (self.best_of is None or self.best_of >= self.n, f"best_of ({self.best_of}) must be at least n ({self.n})"),
             # NOTE: a 64-bit signed seed; n > 1 adds the sample index, which still fits torch's generator.
             (self.seed is None or -(2**63) <= self.seed < 2**63, f"seed must be a 64-bit integer, got {self.seed}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),

@@ -66,8 +66,11 @@ def test_completions_token_ids_echo_logprobs_n_and_stop(client: openai.OpenAI, m
     result = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=5, temperature=0.0, logprobs=3,
                                        echo=True, extra_body={"ignore_eos": True})
     choice = result.choices[0]
-    assert len(choice.logprobs.tokens) == 5 and len(choice.logprobs.top_logprobs[0]) == 3
-    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    # echo with logprobs: the prompt's tokens first (the very first unscored), then the 5 generated
+    assert len(choice.logprobs.tokens) == len(PROMPT_IDS) + 5 and len(choice.logprobs.top_logprobs[1]) == 3
+    assert choice.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    offsets = choice.logprobs.text_offset
+    assert offsets[:len(PROMPT_IDS) + 1] == [0, 0, 1, 2, 3, 4]  # <bos> is not echoed; "FGHI", then the output
     plain = client.completions.create(model=model, prompt=PROMPT_IDS, max_tokens=5, temperature=0.0,
                                       extra_body={"ignore_eos": True})
     assert choice.text.endswith(plain.choices[0].text) and len(choice.text) > len(plain.choices[0].text)

@@ -91,6 +91,19 @@ def apply_scheduler_output(states: dict[str, CachedRequestState], output: Schedu
         states[scheduled.request_id].block_ids.extend(scheduled.new_block_ids)
 
 
+@dataclass(frozen=True)
+class PromptLogprobsSpan:
+    """A request's prompt positions `start..start+count-1` in this step, each scoring the prompt token after
+    it, at flat rows `first_row..first_row+count-1`."""
+
+    request_id: str
+    start: int
+    count: int
+    first_row: int
+    target_ids: list[int]  # the prompt tokens scored: positions start+1 .. start+count
+    num_top: int
+
+
 @dataclass
 class ModelInput:
     input_ids: torch.Tensor  # [T]
@@ -99,6 +112,7 @@ class ModelInput:
     logits_indices: torch.Tensor  # [S] last row of each request that samples this step
     sampling_request_ids: list[str]  # row i of the logits belongs to this request
     sampling: SamplingMetadata
+    prompt_logprobs: list[PromptLogprobsSpan]  # empty unless a request in the step asked for them
 
 
 def build_model_input(output: SchedulerOutput, states: dict[str, CachedRequestState], block_size: int,
@@ -108,10 +122,16 @@ def build_model_input(output: SchedulerOutput, states: dict[str, CachedRequestSt
     spans: list[SequenceSpan] = []
     logits_indices: list[int] = []
     sampling_states: list[CachedRequestState] = []
+    prompt_spans: list[PromptLogprobsSpan] = []
     for scheduled in output.scheduled:
         state = states[scheduled.request_id]
         start, end = scheduled.start, scheduled.end
         assert end <= len(state.token_ids), f"{scheduled.request_id}: tokens {start}..{end} are not all known"
+        num_top = state.sampling_params.prompt_logprobs
+        last = min(end, state.num_prompt_tokens - 1)  # the last prompt position scores no prompt token
+        if num_top is not None and start < last:
+            prompt_spans.append(PromptLogprobsSpan(state.request_id, start, last - start, len(input_ids),
+                                                   state.token_ids[start + 1:last + 1], num_top))
         spans.append(SequenceSpan(len(input_ids), start, end, state.block_ids))
         input_ids.extend(state.token_ids[start:end])
         positions.extend(range(start, end))
@@ -125,4 +145,5 @@ def build_model_input(output: SchedulerOutput, states: dict[str, CachedRequestSt
         logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
         sampling_request_ids=[state.request_id for state in sampling_states],
         sampling=SamplingMetadata([state.sampling_row() for state in sampling_states]),
+        prompt_logprobs=prompt_spans,
     )

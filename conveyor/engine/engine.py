@@ -22,8 +22,9 @@ from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.stats import QueueStats, ScheduledEntry, StepStats
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.engine.trace import StepTrace
+from conveyor.model.generation_config import read_sampling_defaults
 from conveyor.model.loader import load_model_weights, resolve_model_path
-from conveyor.outputs import RequestOutput
+from conveyor.outputs import Logprob, RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.tokenizer import load_tokenizer
 
@@ -46,12 +47,22 @@ class LLMEngine:
         self.scheduler = Scheduler(config, config.num_kv_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.trace = StepTrace() if config.enable_step_trace else None
+        self.sampling_defaults = read_sampling_defaults(self.model_path, config.generation_config)
+        try:
+            SamplingParams(**self.sampling_defaults)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the model's sampling defaults {self.sampling_defaults} are invalid: {error}; "
+                             "pass --generation-config vllm to ignore them") from None
         self._finished_since_last_step: list[RequestOutput] = []
         self._ids = itertools.count()
         logger.info("engine ready in %.1f s: %s (%s), max_model_len %d", time.perf_counter() - started,
                     self.model_config.name or self.model_path, self.model_config.architecture, self.max_model_len)
 
     # ---- requests in and out -------------------------------------------------------------------
+
+    def default_sampling_params(self, **overrides: object) -> SamplingParams:
+        """SamplingParams with the model's defaults (`--generation-config`) under `overrides`."""
+        return SamplingParams(**{**self.sampling_defaults, **overrides})  # type: ignore[arg-type]
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> Request:
@@ -75,6 +86,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}); got {bad[:5]}")
+        bad = [t for t in params.logit_bias or {} if t >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}); got {bad[:5]}")
         request = Request(request_id, token_ids, params, prompt=text_prompt, arrival_time=arrival_time,
                           eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(request)  # raises for requests that could never fit
@@ -120,6 +134,7 @@ class LLMEngine:
             self.runner.update_states(scheduled)  # finished requests still leave the runner
             return outputs, None
         result = self.runner.execute(scheduled)
+        self._record_prompt_logprobs(result.prompt_logprobs)
         updated = self.scheduler.update_from_output(scheduled, result.sampled_token_ids)
         finished_ids = []
         for request in updated:
@@ -144,6 +159,17 @@ class LLMEngine:
         if self.trace is not None:
             self.trace.append(stats)
         return outputs, stats
+
+    def _record_prompt_logprobs(self, scored: dict[str, tuple[int, list[dict[int, Logprob]]]]) -> None:
+        """Append each request's newly scored prompt positions; a recompute after preemption scores some
+        again, and those are not appended twice."""
+        for request_id, (start, positions) in scored.items():
+            request = self.scheduler.get_request(request_id)
+            if request is None or request.prompt_logprobs is None:
+                continue
+            for offset, position in enumerate(positions):
+                if start + 1 + offset == len(request.prompt_logprobs):
+                    request.prompt_logprobs.append(position)
 
 
 def _entries(output: SchedulerOutput) -> list[ScheduledEntry]:

@@ -96,8 +96,9 @@ class KVCacheManager:
         return hashes[:num_blocks]
 
     def find_cached_prefix(self, request: Request) -> list[int]:
-        """The cached blocks holding the longest prefix of the request's tokens (at most num_tokens - 1)."""
-        if not self.enable_prefix_caching:
+        """The cached blocks holding the longest prefix of the request's tokens (at most num_tokens - 1).
+        None for a request that wants prompt logprobs: they come from computing every prompt position."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[int] = []

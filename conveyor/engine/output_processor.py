@@ -84,7 +84,8 @@ class OutputProcessor:
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=request.prompt_token_ids, outputs=[completion],
                              finished=request.is_finished, metrics=metrics, delta_text=delta_text,
-                             delta_token_ids=delta_tokens, num_cached_tokens=request.num_cached_tokens or 0)
+                             delta_token_ids=delta_tokens, num_cached_tokens=request.num_cached_tokens or 0,
+                             prompt_logprobs=request.prompt_logprobs)
 
     @staticmethod
     def _truncate_at_stop_string(request: Request, state: _TextState) -> bool:

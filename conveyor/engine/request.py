@@ -66,6 +66,9 @@ class Request:
         self.num_preemptions = 0
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        # Prompt position i scores token i; the first token has no score (OpenAI's and vLLM's None).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 import torch
 
 from conveyor.config import EngineConfig, ModelConfig
-from conveyor.engine.batch import CachedRequestState, apply_scheduler_output, build_model_input
-from conveyor.engine.sampler import Sampler
+from conveyor.engine.batch import (
+    CachedRequestState,
+    PromptLogprobsSpan,
+    apply_scheduler_output,
+    build_model_input,
+)
+from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.kernels import apply_linear_kernel
@@ -23,11 +28,17 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Prompt rows projected to the vocabulary at once when scoring prompt tokens: bounds the logits' memory.
+_PROMPT_LOGPROBS_ROWS = 64
+
+
 @dataclass
 class RunnerOutput:
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, dict[int, Logprob]] = field(default_factory=dict)
     grammar_completed: set[str] = field(default_factory=set)  # structured output complete: they must stop
+    # request id -> (first prompt position, its logprobs and the next ones'): position i scores token i + 1
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, Logprob]]]] = field(default_factory=dict)
     prepare_seconds: float = 0.0
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
@@ -72,10 +83,16 @@ class ModelRunner:
         self.update_states(output)
         model_input = build_model_input(output, self.requests, self.block_size, self.sliding_window, self.device)
         prepared = time.perf_counter()
-        logits = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
-                            model_input.attention, model_input.logits_indices)
-        forwarded = time.perf_counter()
         result = RunnerOutput(sampled_token_ids={})
+        if model_input.prompt_logprobs:
+            hidden = self.model.hidden_states(model_input.input_ids, model_input.positions, self.kv_caches,
+                                              model_input.attention)
+            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+            result.prompt_logprobs = self._prompt_logprobs(hidden, model_input.prompt_logprobs)
+        else:
+            logits = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                                model_input.attention, model_input.logits_indices)
+        forwarded = time.perf_counter()
         if model_input.sampling_request_ids:
             sampled = self.sampler(logits, model_input.sampling)
             for row, request_id in enumerate(model_input.sampling_request_ids):
@@ -88,4 +105,23 @@ class ModelRunner:
         result.prepare_seconds = prepared - started
         result.forward_seconds = forwarded - prepared
         result.sample_seconds = time.perf_counter() - forwarded
+        return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, spans: list[PromptLogprobsSpan]
+                         ) -> dict[str, tuple[int, list[dict[int, Logprob]]]]:
+        """Each span's prompt positions scored against the prompt token that follows, a slice of rows at a time."""
+        rows = [span.first_row + offset for span in spans for offset in range(span.count)]
+        targets = [token for span in spans for token in span.target_ids]
+        counts: list[int | None] = [span.num_top for span in spans for _ in range(span.count)]
+        positions: list[dict[int, Logprob] | None] = []
+        for first in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
+            chosen = slice(first, first + _PROMPT_LOGPROBS_ROWS)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[torch.tensor(rows[chosen], device=hidden.device)]), dim=-1)
+            positions += position_logprobs(logprobs, torch.tensor(targets[chosen], device=logprobs.device),
+                                           counts[chosen])
+        result, first_row = {}, 0
+        for span in spans:
+            scored = [p for p in positions[first_row:first_row + span.count] if p is not None]
+            result[span.request_id] = (span.start, scored)
+            first_row += span.count
         return result

@@ -1,11 +1,11 @@
 """Batched sampling over the rows of one step, each row with its own parameters.
 
 Policy, in order (vLLM's semantics): penalties (repetition over prompt + output; presence and frequency
-over output), the structured-output grammar mask (rows that have one), the min_tokens mask on EOS and
-stop ids, then greedy rows take the argmax and the others go through temperature, top-k, top-p and min-p
-before drawing. A seeded request draws from its own generator, so its tokens do not depend on the rest
-of the batch. Log-probabilities are reported from the raw model distribution (before any of these
-transforms). A transform no row uses is skipped entirely.
+over output), logit biases, the structured-output grammar mask (rows that have one), the min_tokens mask
+on EOS and stop ids, then greedy rows take the argmax and the others go through temperature, top-k, top-p
+and min-p before drawing. A seeded request draws from its own generator, so its tokens do not depend on
+the rest of the batch. Log-probabilities are reported from the raw model distribution (before any of
+these transforms). A transform no row uses is skipped entirely.
 
 The sampler sees one `SamplingMetadata` value per step (per-row parameters, token histories and
 generators), never a request object, so it can be tested with plain lists.
@@ -63,6 +63,7 @@ class Sampler:
         if any(p.logprobs is not None for p in metadata.params):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
         logits = apply_penalties(logits, metadata)
+        logits = apply_logit_bias(logits, metadata)
         logits = apply_grammar_masks(logits, metadata)
         logits = mask_early_stops(logits, metadata)
         token_ids = sample(logits, metadata)
@@ -113,6 +114,23 @@ def apply_grammar_masks(logits: torch.Tensor, metadata: SamplingMetadata) -> tor
     allowed = unpack_bitmasks(bitmasks.to(logits.device), logits.shape[1])
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Add each row's `logit_bias` to its tokens' logits, in place: one indexed add for the whole step.
+    NOTE: not a copy: cloning a step's logits (rows x a 262k vocabulary) would cost far more than the add,
+    and the sampler's caller never reads them again (the raw logprobs are taken before)."""
+    rows, ids, biases = [], [], []
+    for row, params in enumerate(metadata.params):
+        for token, bias in (params.logit_bias or {}).items():
+            rows.append(row)
+            ids.append(token)
+            biases.append(bias)
+    if not rows:
+        return logits
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
     return logits
 
 
@@ -172,19 +190,26 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 
 def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
                     metadata: SamplingMetadata) -> list[dict[int, Logprob] | None]:
-    wanted = max(p.logprobs or 0 for p in metadata.params)
+    return position_logprobs(raw_logprobs, token_ids, [p.logprobs for p in metadata.params])
+
+
+def position_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor,
+                      counts: list[int | None]) -> list[dict[int, Logprob] | None]:
+    """Per row: `token_ids[row]`'s logprob and rank, then the top `counts[row]` alternatives (None where
+    `counts[row]` is None)."""
+    wanted = max(count or 0 for count in counts)
     top_values, top_ids = raw_logprobs.topk(max(wanted, 1), dim=-1)
     chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
     chosen_list, rank_list = chosen.tolist(), ranks.tolist()
     top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+    token_list = token_ids.tolist()
     result: list[dict[int, Logprob] | None] = []
-    for row, params in enumerate(metadata.params):
-        count = params.logprobs
+    for row, count in enumerate(counts):
         if count is None:
             result.append(None)
             continue
-        token = int(token_ids[row])
+        token = token_list[row]
         position = {token: Logprob(chosen_list[row], rank_list[row])}
         for rank, (alt, value) in enumerate(zip(top_ids_list[row][:count], top_values_list[row][:count]), 1):
             position.setdefault(alt, Logprob(value, rank))

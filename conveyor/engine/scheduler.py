@@ -180,7 +180,8 @@ class Scheduler:
         one prompt) then compute it once: the first computes, the others wait a step and hit the cache.
         """
         size = self.kv_cache.block_size
-        if not self.kv_cache.enable_prefix_caching or num_cached_blocks >= (request.num_tokens - 1) // size:
+        if (not self.kv_cache.enable_prefix_caching or num_cached_blocks >= (request.num_tokens - 1) // size
+                or request.sampling_params.prompt_logprobs is not None):
             return False
         wanted = self.kv_cache.block_hashes(request, num_cached_blocks + 1)[-1]
         for other, num_new in planned.items():

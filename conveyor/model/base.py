@@ -29,13 +29,22 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
         """Flat batch in ([T] ids and positions), logits out only for `logits_indices` rows: [S, vocab]."""
+        # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
+        return self.compute_logits(self.hidden_states(input_ids, positions, kv_caches, meta)[logits_indices])
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """The last layer's output for every row of the flat batch: [T, hidden] (before the final norm)."""
         hidden = self.embed_tokens(input_ids)
         if self.embedding_scale is not None:
             hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = layer(hidden, positions, k_cache, v_cache, meta)
-        # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
-        hidden = self.norm(hidden[logits_indices])
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head over some rows of `hidden_states`: [rows, vocab] in fp32."""
+        hidden = self.norm(hidden)
         if self.lm_head is None:
             return linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()

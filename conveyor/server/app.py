@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +51,10 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
     replaces `/health`'s check (alive, body): conveyor.distributed's ingress reports its replicas there."""
     app = FastAPI(title="conveyor", version="0.1.0")
     app.add_middleware(RequestGuard, settings=settings.guard)
+    if settings.allowed_origins:
+        # NOTE: added last, so outermost: a browser's preflight is answered before the guard asks for a key.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
     install_openapi(app)
     engine = llm.engine
     if step_stream is not None:
@@ -70,6 +75,8 @@ def build_app(llm: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
         first = error.errors()[0] if error.errors() else {}
         location = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{location}: {first.get('msg', 'invalid request')}" if location else first.get("msg", "invalid")
+        if first.get("type") == "extra_forbidden":
+            message = f"{location}: unknown field; this server does not support it"
         param = first.get("ctx", {}).get("field") or location or None  # the field of a whole-body check
         return APIError(400, message, param=param).response()
 

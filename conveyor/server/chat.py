@@ -30,7 +30,7 @@ from conveyor.server.serving import (
     finals_usage,
     finish_reason,
     requested_constraint,
-    sse_events,
+    usage_block,
 )
 from conveyor.server.tool_parsers import ParsedToolCall, ToolCallStream, ToolParser, choose_tool_parser
 from conveyor.tokenizer import Tokenizer
@@ -241,7 +241,8 @@ class ChatServing(GenerationServing):
         params = self.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, body.n, constraint)
         request_id = new_id("chatcmpl")
         group = await self.start(ParentRequest(request_id, [prompt_ids], params))
-        base = {"id": request_id, "created": now(), "model": self.settings.model_name}
+        base = {"id": request_id, "created": now(), "model": self.settings.model_name,
+                "system_fingerprint": self.system_fingerprint}
         parser = REASONING_PARSERS.get(self.settings.reasoning_parser or "")
 
         def logprobs(output: RequestOutput, num_tokens: int) -> dict[str, Any] | None:
@@ -249,13 +250,21 @@ class ChatServing(GenerationServing):
 
         if body.stream:
             chunk = {**base, "object": "chat.completion.chunk"}
+            options = body.stream_options
+            opening_usage = {"usage": usage_block(len(prompt_ids), 0, 0)} \
+                if options and options.continuous_usage_stats else {}
             opening = [{**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}]} for index in range(body.n)]
+                                              "finish_reason": None}], **opening_usage} for index in range(body.n)]
             readers = [ToolReader(mode, self.tool_parser, named) for _ in range(body.n)]
             splits = [parser.stream() for _ in range(body.n)] if parser else None
+            # Tokens whose text is held back (a possible stop string, half a UTF-8 character, a possible tag
+            # or tool-call marker) send no chunk yet: their logprobs wait here and go out with the next chunk
+            # of that choice, so each token's logprob reaches the client exactly once.
+            unsent_tokens = [0] * body.n
 
             def render(index: int, output: RequestOutput) -> list[dict[str, Any]]:
                 reader = readers[index]
+                unsent_tokens[index] += len(output.delta_token_ids)
                 reasoning = ""
                 if splits is not None:  # the thinking text first; tool calls are read from the rest
                     reasoning, content = splits[index].feed(output.delta_text, final=output.finished)
@@ -263,20 +272,20 @@ class ChatServing(GenerationServing):
                 deltas = reader.feed(output)
                 if reasoning:
                     deltas = [{"reasoning_content": reasoning}, *deltas]
-                if output.finished or (body.logprobs and output.delta_token_ids):
-                    deltas = deltas or [{}]  # a chunk for the finish reason, or for logprobs of held-back text
+                if output.finished:
+                    deltas = deltas or [{}]  # a chunk for the finish reason
                 choices: list[dict[str, Any]] = [{"index": index, "delta": d, "finish_reason": None} for d in deltas]
                 if choices and output.finished:
                     reason = finish_reason(output)
                     calls = reader.num_calls_sent and reason != "length"
                     choices[-1]["finish_reason"] = "tool_calls" if calls else reason
+                    choices[-1]["stop_reason"] = output.outputs[0].stop_reason
                 if choices and body.logprobs:
-                    choices[0]["logprobs"] = logprobs(output, len(output.delta_token_ids))
+                    choices[0]["logprobs"] = logprobs(output, unsent_tokens[index])
+                    unsent_tokens[index] = 0
                 return choices
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return GroupStreamingResponse(
-                sse_events(group, request, chunk, body.n, render, include_usage, opening), group)
+            return GroupStreamingResponse(self.events(group, request, chunk, body.n, render, body, opening), group)
 
         finals = await self.collect(group, request)
         choices = []
@@ -293,6 +302,7 @@ class ChatServing(GenerationServing):
                 message["tool_calls"] = tool_call_objects(calls)
                 reason = "tool_calls"
             choices.append({"index": index, "message": message, "finish_reason": reason,
+                            "stop_reason": final.outputs[0].stop_reason,
                             "logprobs": logprobs(final, len(final.outputs[0].token_ids))})
         return JSONResponse({**base, "object": "chat.completion", "choices": choices,
                              "usage": finals_usage(finals, body.n)})

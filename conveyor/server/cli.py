@@ -59,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_name=model_name, guard=guard, max_queue_len=args.max_queue_len,
                               max_choices_per_request=args.max_choices_per_request,
                               reasoning_parser=args.reasoning_parser,
-                              tool_call_parser=args.tool_call_parser)
+                              tool_call_parser=args.tool_call_parser,
+                              sse_keepalive=args.sse_keepalive, allowed_origins=args.allowed_origins or [])
     app = build_app(llm, settings, metrics, step_stream)
     logger.info("serving %s on http://%s:%d", model_name, args.host, args.port)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -126,6 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="split a thinking model's <think>...</think> text into the chat response's "
                             "reasoning_content (see docs/serving.md)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="answer CORS requests from these browser origins (e.g. http://localhost:3000, or * for "
+                            "any); default: no CORS headers, so browsers on other origins are refused")
+    serve.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
+                       help="send a ': keep-alive' comment on a stream silent this long (a long prefill, a queue); "
+                            "0 never (default %(default)s)")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats lines while busy")
     serve.add_argument("--no-dashboard", action="store_true",
                        help="serve neither /dashboard nor its step stream /v1/engine/steps")

@@ -12,14 +12,8 @@ from conveyor.outputs import RequestOutput
 from conveyor.server.admission import GroupStreamingResponse
 from conveyor.server.errors import APIError
 from conveyor.server.protocol import CompletionRequest, new_id, now
-from conveyor.server.responses import completion_logprobs
-from conveyor.server.serving import (
-    GenerationServing,
-    finals_usage,
-    finish_reason,
-    requested_constraint,
-    sse_events,
-)
+from conveyor.server.responses import completion_logprobs, echoed_prompt_logprobs, joined_logprobs
+from conveyor.server.serving import GenerationServing, finals_usage, finish_reason, requested_constraint
 
 
 class CompletionServing(GenerationServing):
@@ -28,34 +22,44 @@ class CompletionServing(GenerationServing):
         prompts = normalize_prompts(body.prompt, self.engine.model_config.vocab_size)
         constraint, param = requested_constraint(body)
         await self.compile_constraint(constraint, param)
-        params = self.sampling_params(body, body.max_tokens, body.logprobs, body.n, constraint)
+        max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set else \
+            self.engine.sampling_defaults.get("max_tokens", body.max_tokens)
+        # echo with logprobs scores the prompt tokens too
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        params = self.sampling_params(body, max_tokens, body.logprobs, body.n, best_of=body.best_of,
+                                      prompt_logprobs=prompt_logprobs,
+                                      structured_outputs=constraint)
         request_id = new_id("cmpl")
         prompt_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
-        group = await self.start(ParentRequest(request_id, prompts, params))
+        parent = ParentRequest(request_id, prompts, params)
+        group = await self.start(parent)
         base = {"id": request_id, "object": "text_completion", "created": now(),
-                "model": self.settings.model_name}
+                "model": self.settings.model_name, "system_fingerprint": self.system_fingerprint}
 
         def choice(index: int, output: RequestOutput, num_tokens: int, text: str) -> dict[str, Any]:
             logprobs = None
+            echoed = body.echo and num_tokens == len(output.outputs[0].token_ids)  # the first of this choice
+            prompt_text = prompt_texts[index // body.n] if echoed else ""
             if body.logprobs is not None:
-                logprobs = completion_logprobs(self.tokenizer, output, num_tokens, body.logprobs)
-            if body.echo and num_tokens == len(output.outputs[0].token_ids):  # the first of this choice
-                text = prompt_texts[index // body.n] + text
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(output),
-                    "stop_reason": output.outputs[0].stop_reason}
+                logprobs = completion_logprobs(self.tokenizer, output, num_tokens, body.logprobs, len(prompt_text))
+                if echoed:
+                    logprobs = joined_logprobs(echoed_prompt_logprobs(self.tokenizer, output, body.logprobs),
+                                               logprobs)
+            return {"index": index, "text": prompt_text + text, "logprobs": logprobs,
+                    "finish_reason": finish_reason(output), "stop_reason": output.outputs[0].stop_reason}
 
-        if body.stream:
+        if body.stream:  # best_of > n was refused with stream: every child is a choice
             def render(index: int, output: RequestOutput) -> dict[str, Any] | None:
                 rendered = choice(index, output, len(output.delta_token_ids), output.delta_text)
                 return rendered if rendered["text"] or output.finished or rendered["logprobs"] else None
 
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return GroupStreamingResponse(sse_events(group, request, base, body.n, render, include_usage), group)
+            return GroupStreamingResponse(self.events(group, request, base, body.n, render, body), group)
 
         finals = await self.collect(group, request)
+        usage = finals_usage(finals, parent.samples_per_prompt)  # best_of: every sample generated counts
         choices = [choice(index, final, len(final.outputs[0].token_ids), final.outputs[0].text)
-                   for index, final in enumerate(finals)]
-        return JSONResponse({**base, "choices": choices, "usage": finals_usage(finals, body.n)})
+                   for index, final in enumerate(parent.best(finals))]
+        return JSONResponse({**base, "choices": choices, "usage": usage})
 
 
 def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]], vocab_size: int) -> list[Prompt]:

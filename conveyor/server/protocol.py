@@ -54,8 +54,53 @@ class _UnicodeChecked(BaseModel):
         return data
 
 
+# Request fields of the OpenAI API (or of vLLM's extensions) not served yet. Until they are,
+# a request that sets one (to anything but null) gets a 400 naming it: never a 200 that ignored it.
+NOT_YET_SUPPORTED: tuple[str, ...] = (
+    # vLLM's older structured-output fields (its `structured_outputs` is served), OpenAI's reasoning knobs
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+    "guided_whitespace_pattern", "reasoning_effort", "include_reasoning",
+)
+
+# Request fields of the OpenAI API that conveyor does not serve, and why. Setting one (to anything but null or
+# the neutral value in `NEUTRAL_VALUES`) gets a 400 naming it.
+UNSUPPORTED: dict[str, str] = {
+    "suffix": "the model has no fill-in-the-middle",
+    "audio": "the model has no audio output", "modalities": "the model only writes text",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "there is no web search",
+    "functions": "the deprecated function calling API is not served (use tools)",
+    "function_call": "the deprecated function calling API is not served (use tool_choice)",
+    "store": "completions are not stored", "metadata": "completions are not stored",
+    "service_tier": "there are no service tiers", "verbosity": "the model has no verbosity control",
+}
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "suffix": ("",),
+}
+
+
+def _refuse_unserved_fields(data: Any) -> Any:
+    """Reject a field of `NOT_YET_SUPPORTED` or `UNSUPPORTED` that is set; drop it when null or neutral (what
+    some clients send for every field they know)."""
+    if not isinstance(data, dict):
+        return data
+    for name in [key for key in data if key in UNSUPPORTED or key in NOT_YET_SUPPORTED]:
+        value = data[name]
+        if value is None or value in NEUTRAL_VALUES.get(name, ()):
+            data = {key: item for key, item in data.items() if key != name}
+            continue
+        reason = UNSUPPORTED.get(name, "it is not supported yet")
+        raise PydanticCustomError("unsupported_field", "{field}: not supported by this server: {reason}",
+                                  {"field": name, "reason": reason})
+    return data
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    # vLLM's extension: every chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class JSONSchemaFormat(BaseModel):
@@ -91,9 +136,14 @@ class StructuredOutputs(BaseModel):
 
 
 class SamplingFields(_UnicodeChecked):
-    """Fields shared by completions and chat, with vLLM's common extensions."""
+    """Fields shared by completions and chat, with vLLM's common extensions. Any other field is refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unserved(cls, data: Any) -> Any:
+        return _refuse_unserved_fields(data)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -112,9 +162,30 @@ class SamplingFields(_UnicodeChecked):
     min_tokens: int = Field(default=0, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Token id (as a string, JSON keys are strings) -> a bias in [-100, 100] added to its logit.
+    logit_bias: dict[str, float] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # Identify the caller; they change nothing in what is generated (the prefix cache needs no key).
     user: str | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "{field}: only allowed when stream is true",
+                                      {"field": "stream_options"})
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise PydanticCustomError("logit_bias", "{field}: keys must be token ids, got {key!r}",
+                                          {"field": "logit_bias", "key": key})
+            if not -100.0 <= bias <= 100.0:
+                raise PydanticCustomError("logit_bias", "{field}: biases must be in [-100, 100], got {bias} for "
+                                          "token {key}", {"field": "logit_bias", "key": key, "bias": bias})
+        return self
 
 
 class CompletionRequest(SamplingFields):
@@ -122,6 +193,17 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     max_tokens: int | None = Field(default=16, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _check_best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise PydanticCustomError("best_of", "{field}: best_of ({best_of}) must be at least n ({n})",
+                                      {"field": "best_of", "best_of": self.best_of, "n": self.n})
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise PydanticCustomError("best_of", "{field}: best_of > n cannot be streamed (the best are known "
+                                      "only at the end)", {"field": "best_of"})
+        return self
 
 
 class FunctionCall(BaseModel):
@@ -167,7 +249,7 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     add_generation_prompt: bool = True
@@ -177,6 +259,19 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("top_logprobs", "{field}: needs logprobs set to true",
+                                      {"field": "top_logprobs"})
+        if self.max_completion_tokens is not None and self.max_tokens is not None \
+                and self.max_completion_tokens != self.max_tokens:
+            raise PydanticCustomError("max_completion_tokens", "{field}: max_tokens ({max_tokens}) and "
+                                      "max_completion_tokens ({max_completion_tokens}) disagree; send one",
+                                      {"field": "max_completion_tokens", "max_tokens": self.max_tokens,
+                                       "max_completion_tokens": self.max_completion_tokens})
+        return self
 
 
 class TokenizeRequest(_UnicodeChecked):

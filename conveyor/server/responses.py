@@ -25,11 +25,13 @@ def _top(position: dict[int, Logprob], top_n: int) -> list[tuple[int, Logprob]]:
     return sorted(((t, lp) for t, lp in position.items() if lp.rank <= top_n), key=lambda item: item[1].rank)
 
 
-def completion_logprobs(tokenizer: Tokenizer, output: RequestOutput, count: int, top_n: int) -> dict[str, Any]:
-    """`{tokens, token_logprobs, top_logprobs, text_offset}` for the last `count` generated tokens."""
+def completion_logprobs(tokenizer: Tokenizer, output: RequestOutput, count: int, top_n: int,
+                        text_start: int = 0) -> dict[str, Any]:
+    """`{tokens, token_logprobs, top_logprobs, text_offset}` for the last `count` generated tokens; offsets
+    count from `text_start` (the echoed prompt's length, when it precedes the completion)."""
     positions = _last_positions(output, count)
     texts = [_text(tokenizer, token) for token, _ in positions]
-    offset = max(0, len(output.outputs[0].text) - sum(len(t) for t in texts))
+    offset = text_start + max(0, len(output.outputs[0].text) - sum(len(t) for t in texts))
     offsets = []
     for text in texts:
         offsets.append(offset)
@@ -41,6 +43,28 @@ def completion_logprobs(tokenizer: Tokenizer, output: RequestOutput, count: int,
                          for _, position in positions],
         "text_offset": offsets,
     }
+
+
+def echoed_prompt_logprobs(tokenizer: Tokenizer, output: RequestOutput, top_n: int) -> dict[str, Any]:
+    """The completions logprobs of the prompt tokens (for `echo`): the first token has none, as in OpenAI's."""
+    texts = [_text(tokenizer, token) for token in output.prompt_token_ids]
+    positions = output.prompt_logprobs or [None] * len(texts)
+    offsets, offset = [], 0
+    for token in output.prompt_token_ids:  # into the echoed text, which leaves special tokens out
+        offsets.append(offset)
+        offset += len(tokenizer.decode([token]))
+    return {
+        "tokens": texts,
+        "token_logprobs": [None if p is None else p[token].logprob
+                           for token, p in zip(output.prompt_token_ids, positions)],
+        "top_logprobs": [None if p is None else {_text(tokenizer, t): lp.logprob for t, lp in _top(p, top_n)}
+                         for p in positions],
+        "text_offset": offsets,
+    }
+
+
+def joined_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    return {key: first[key] + second[key] for key in first}
 
 
 def chat_logprobs(tokenizer: Tokenizer, output: RequestOutput, count: int, top_n: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ outputs into OpenAI shapes; the routes in `app.py` only parse, call it and retur
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -16,6 +17,8 @@ from typing import Any
 
 from fastapi import Request
 
+from conveyor import __version__
+from conveyor.config import EngineConfig
 from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.engine.parallel_sampling import ParentRequest
 from conveyor.outputs import RequestOutput
@@ -38,6 +41,10 @@ class ServerSettings:
     max_choices_per_request: int = 64  # prompts x n in one HTTP request: its cap on work
     reasoning_parser: str | None = None  # a name in server.reasoning.REASONING_PARSERS
     tool_call_parser: str = "auto"  # a name in server.tool_parsers.PARSERS, or guessed from the chat template
+    # Seconds of silence on a stream (a long prefill, a queue) after which a `: keep-alive` comment goes out,
+    # so that proxies and clients with read timeouts keep the connection. 0: never.
+    sse_keepalive: float = 10.0
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers at all
 
 
 def usage_block(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -80,6 +87,7 @@ class GenerationServing:
         self.admission = admission  # shared by every endpoint: one queue limit
         self.engine = llm.engine
         self.tokenizer = llm.engine.tokenizer
+        self.system_fingerprint = system_fingerprint(llm.engine.config)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
@@ -87,18 +95,42 @@ class GenerationServing:
                                 f"{self.settings.model_name!r}", "not_found_error", "model")
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        n: int, structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+                        n: int, **extra: Any) -> SamplingParams:
+        """The request's sampling parameters; the model's defaults (`--generation-config`) fill the fields the
+        request left unset. `max_tokens` is None when the request set no limit."""
+        defaults = self.engine.sampling_defaults
+        chosen = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "min_p",
+                                                         "repetition_penalty")
+                  if name in body.model_fields_set or name not in defaults}
+        chosen = {**{k: v for k, v in defaults.items() if k != "max_tokens"}, **chosen}
         # A top_k beyond the vocabulary filters nothing; as given, a huge one would overflow in the sampler.
-        top_k = body.top_k if body.top_k < self.engine.model_config.vocab_size else -1
+        if chosen["top_k"] >= self.engine.model_config.vocab_size:
+            chosen["top_k"] = -1
+        logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()} or None
+        vocab_size = self.engine.model_config.vocab_size
+        bad = [token for token in logit_bias or {} if not 0 <= token < vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias: token ids must be in [0, {vocab_size}); got {bad[:5]}",
+                           param="logit_bias")
         try:
             return SamplingParams(
-                n=n, temperature=body.temperature, top_p=body.top_p, top_k=top_k, min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, seed=body.seed, max_tokens=max_tokens,
+                n=n, **chosen, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, seed=body.seed,
+                max_tokens=max_tokens if max_tokens is not None else defaults.get("max_tokens"),
                 min_tokens=body.min_tokens, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],
-                ignore_eos=body.ignore_eos, logprobs=logprobs, structured_outputs=structured_outputs)
+                ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=logit_bias,
+                include_stop_str_in_output=body.include_stop_str_in_output,
+                skip_special_tokens=body.skip_special_tokens, **extra)
         except ValueError as error:
             raise APIError(400, str(error)) from None
+
+    def events(self, group: RequestGroup, request: Request, base: dict[str, Any], n: int, render: ChunkRenderer,
+               body: SamplingFields, opening: Iterable[dict[str, Any]] = ()) -> AsyncIterator[str]:
+        """The request's server-sent events, as its `stream_options` ask, with keep-alive comments."""
+        options = body.stream_options
+        return sse_events(group, request, base, n, render, bool(options and options.include_usage), opening,
+                          continuous_usage=bool(options and options.continuous_usage_stats),
+                          keepalive=self.settings.sse_keepalive)
 
     async def compile_constraint(self, spec: StructuredOutputsParams | None, param: str) -> None:
         """Compile (and cache) a constraint in a worker thread, off the engine's step; a bad one is a 400."""
@@ -180,24 +212,44 @@ ChunkRenderer = Callable[[int, RequestOutput], "dict[str, Any] | list[dict[str, 
 
 async def sse_events(group: RequestGroup, request: Request, base: dict[str, Any], n: int,
                      render: ChunkRenderer, include_usage: bool,
-                     opening: Iterable[dict[str, Any]] = ()) -> AsyncIterator[str]:
+                     opening: Iterable[dict[str, Any]] = (), continuous_usage: bool = False,
+                     keepalive: float = 0.0) -> AsyncIterator[str]:
     """The one server-sent-events writer: `opening` chunks, then each output rendered as a chunk's choice
-    (`render` returns None to send nothing for it), the usage chunk if asked for, and `[DONE]`. A failure
-    after the 200 went out becomes an error event, as vLLM sends it."""
+    (`render` returns None to send nothing for it), the usage chunk if asked for, and `[DONE]`. With
+    `continuous_usage` every chunk after the opening ones carries the usage so far (vLLM's extension); a
+    silence of `keepalive` seconds (0: never) gets a keep-alive comment. A failure after the 200 went out
+    becomes an error event, as vLLM sends it."""
     for chunk in opening:
         yield _sse(chunk)
     usage = UsageCounter(n)
-    async for index, output in merge_streams(group.streams):
+    async for index, output in merge_streams(group.streams, keepalive):
+        if output is KEEPALIVE:
+            yield KEEPALIVE_EVENT
+            continue
         if isinstance(output, Exception):
             yield _sse_error(output, request)
             break
         usage.add(index, output, len(output.delta_token_ids))
         rendered = render(index, output)
         for choice in rendered if isinstance(rendered, list) else [] if rendered is None else [rendered]:
-            yield _sse({**base, "choices": [choice]})
+            yield _sse({**base, "choices": [choice], **({"usage": usage.block()} if continuous_usage else {})})
     if include_usage:
         yield _sse({**base, "choices": [], "usage": usage.block()})
     yield "data: [DONE]\n\n"
+
+
+class _KeepAlive:
+    pass
+
+
+KEEPALIVE = _KeepAlive()  # what merge_streams yields after a silence
+KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: clients skip it
+
+
+def system_fingerprint(config: EngineConfig) -> str:
+    """What decides the outputs besides the request: conveyor's version, the model and its numerics."""
+    key = f"{__version__} {config.model} {config.dtype} {config.quantization} {config.linear_kernel}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def finish_reason(output: RequestOutput) -> str | None:
@@ -217,11 +269,14 @@ def _sse_error(error: Exception, request: Request) -> str:
     return _sse(error_body(f"internal error (request id {request_id})", "internal_server_error", 500))
 
 
-async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
-                        ) -> AsyncIterator[tuple[int, RequestOutput | Exception]]:
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]], keepalive: float = 0.0
+                        ) -> AsyncIterator[tuple[int, RequestOutput | Exception | _KeepAlive]]:
     """Interleave several requests' outputs as they come, tagged with their choice index; a stream that
-    fails yields its exception, and the caller stops there."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+    fails yields its exception, and the caller stops there. After `keepalive` seconds without an output
+    (0: never) it yields `(-1, KEEPALIVE)`."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | _KeepAlive | None]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
@@ -236,12 +291,18 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
     try:
         remaining = len(streams)
         while remaining:
+            if keepalive > 0:  # NOTE: a timer, not a task or a wait_for per output: this runs for every token
+                if timer is not None:
+                    timer.cancel()
+                timer = loop.call_later(keepalive, queue.put_nowait, (-1, KEEPALIVE))
             index, output = await queue.get()
             if output is None:
                 remaining -= 1
             else:
                 yield index, output
     finally:
+        if timer is not None:
+            timer.cancel()
         for task in tasks:
             task.cancel()  # a stream cancelled mid-way aborts its request
         await asyncio.gather(*tasks, return_exceptions=True)
