@@ -163,7 +163,7 @@ def test_tool_history_renders_and_auto_answers(client: openai.OpenAI) -> None:
     ({"response_format": {"type": "xml"}}, "response_format.type", "Input should be"),
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "invalid regex"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
-    ({"structured_outputs": {"pattern": "a"}}, "structured_outputs.pattern", "Extra inputs"),
+    ({"structured_outputs": {"pattern": "a"}}, "structured_outputs.pattern", "unknown field"),
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),

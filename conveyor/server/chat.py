@@ -238,7 +238,8 @@ class ChatServing(GenerationServing):
         constraint, param = self.constraint(body, mode, named)
         await self.compile_constraint(constraint, param)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, body.n, constraint)
+        params = self.sampling_params(body, body.max_completion_tokens or body.max_tokens, top, body.n,
+                                      structured_outputs=constraint)
         request_id = new_id("chatcmpl")
         group = await self.start(ParentRequest(request_id, [prompt_ids], params))
         base = {"id": request_id, "created": now(), "model": self.settings.model_name,
