@@ -29,6 +29,7 @@ from conveyor.config import EngineConfig, ModelConfig
 from conveyor.distributed.router import ROUTERS
 from conveyor.engine.async_engine import EngineDeadError
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.app import build_app
@@ -54,6 +55,8 @@ class EngineFacts:
     model_config: ModelConfig
     max_model_len: int
     tokenizer: Tokenizer
+    sampling_defaults: dict[str, Any]  # the model's generation_config, as the replicas apply it
+    grammar: GrammarCompiler  # compiles constraints here too: a bad one is a 400 before any replica sees it
 
 
 class ReplicaPool:
@@ -213,6 +216,8 @@ async def build_ingress_app(handle: DeploymentHandle, settings: ServerSettings, 
     if not settings.model_name:  # as `conveyor serve` names it
         settings = dataclasses.replace(settings, model_name=Path(info["model_path"]).stem)
     seats = dataclasses.replace(config, max_num_seqs=config.max_num_seqs * num_replicas)
-    pool = ReplicaPool(handle, EngineFacts(seats, info["model_config"], info["max_model_len"], tokenizer),
-                       num_replicas)
+    grammar = GrammarCompiler(tokenizer, info["model_config"].vocab_size, info["eos_token_ids"])
+    facts = EngineFacts(seats, info["model_config"], info["max_model_len"], tokenizer, info["sampling_defaults"],
+                        grammar)
+    pool = ReplicaPool(handle, facts, num_replicas)
     return build_app(pool, settings, ReplicaMetrics(pool), health=pool.health)  # type: ignore[arg-type]

@@ -80,6 +80,7 @@ class EngineReplica:
         """What the ingress needs to parse requests as this engine would: its resolved configuration."""
         return {"config": self.engine.config, "model_config": self.engine.model_config,
                 "max_model_len": self.engine.max_model_len, "model_path": self.engine.model_path,
+                "sampling_defaults": self.engine.sampling_defaults, "eos_token_ids": self.engine.eos_token_ids,
                 "pid": os.getpid(), "replica_id": replica_id()}
 
     async def record_routing_stats(self) -> dict[str, Any]:
