@@ -109,7 +109,7 @@ BAD_INPUT = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
      400, "messages.0.content.0.text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": []}]}, 400, "chat template"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": []}]}, 400, "must answer the tool_calls"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": "x"}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400,

@@ -78,6 +78,17 @@ def _arguments_as_object(call: Any) -> Any:
     return {**call, "function": {**function, "arguments": parsed}}
 
 
+def _check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """OpenAI's rule: a `tool` message answers a call an earlier assistant message made (parsers that
+    rewrite tool results for templates without a tool role would otherwise accept any stray one)."""
+    calls_made = False
+    for index, message in enumerate(messages):
+        calls_made = calls_made or bool(message["role"] == "assistant" and message.get("tool_calls"))
+        if message["role"] == "tool" and not calls_made:
+            raise APIError(400, f"messages.{index}: a message with role 'tool' must answer the tool_calls of an "
+                                "earlier assistant message", param=f"messages.{index}")
+
+
 def tool_mode(body: ChatCompletionRequest) -> tuple[ToolMode, str | None]:
     """What the request's tool_choice asks for (OpenAI's default: "auto" with tools, "none" without),
     and the named function if one is."""
@@ -208,6 +219,7 @@ class ChatServing(GenerationServing):
 
     def prompt_ids(self, body: ChatCompletionRequest, mode: ToolMode) -> list[int]:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        _check_tool_results(messages)
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] if mode != "none" else []
         if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             messages = self.tool_parser.adapt_messages(messages, tools)
