@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
-_HEALTH_KEYS = ("pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
+_HEALTH_KEYS = ("pid", "engine_pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
 
 
 class ReplicaDiedError(EngineDeadError):
@@ -110,7 +110,12 @@ class ReplicaPool:
             except RayTaskError as error:
                 if isinstance(error.cause, ValueError):
                     raise ValueError(str(error.cause)) from None
-                raise
+                if not _engine_died(error):
+                    raise
+                logger.warning("request %s: its replica's engine died before accepting it (%s); sending it again",
+                               request_id, error.cause)
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
+                continue
             except _REPLICA_GONE as error:
                 logger.warning("request %s: its replica died before accepting it (%r); sending it again",
                                request_id, error)
@@ -142,7 +147,9 @@ class ReplicaPool:
                     output = await generator.__anext__()
                 except StopAsyncIteration:
                     return
-                except _REPLICA_GONE as error:
+                except (*_REPLICA_GONE, RayTaskError) as error:
+                    if isinstance(error, RayTaskError) and not _engine_died(error):
+                        raise
                     if handed_on:
                         raise ReplicaDiedError(
                             f"the engine replica running request {request_id} died after part of the output "
@@ -181,6 +188,11 @@ class ReplicaPool:
         router = ROUTERS.get(self.handle.deployment_name)
         if router is not None:
             yield from (replica_id.to_full_id_str() for replica_id in router.curr_replicas)
+
+
+def _engine_died(error: RayTaskError) -> bool:
+    """The replica is up but its engine process died (it fails its health check and is replaced)."""
+    return isinstance(error.cause, EngineDeadError)
 
 
 class ReplicaMetrics:
