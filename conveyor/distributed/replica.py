@@ -17,6 +17,7 @@ again those that had streamed nothing) and the replica ends itself, so Serve rep
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -31,14 +32,17 @@ from prometheus_client import generate_latest
 from conveyor.config import EngineConfig
 from conveyor.engine.async_engine import QueueObserver, StepObserver
 from conveyor.engine.engine_process import EngineProcess
+from conveyor.engine.stats import StepStats
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.metrics import ServerMetrics
+from conveyor.server.step_stream import KEEP_ALIVE_SECONDS, StepStream
 
 if TYPE_CHECKING:
     from conveyor.engine.engine import LLMEngine
 
 T = TypeVar("T")
+STEP_POLL_S = 0.25  # how often a dashboard viewer's stream asks the engine process for new steps
 logger = logging.getLogger(__name__)
 
 
@@ -76,6 +80,22 @@ class EngineReplica:
         return await self.llm.call(_describe) | {"pid": os.getpid(), "engine_pid": self.llm.pid,
                                                  "replica_id": replica_id()}
 
+    async def steps(self, last_id: int | None, target_replica: str | None = None) -> AsyncIterator[str]:
+        """The dashboard's step events of this replica (server-sent event text), polled from the engine
+        process every `STEP_POLL_S` while the caller reads. The first item is this replica's id: a stream
+        that reached another replica than `target_replica` ends there, and the caller asks again."""
+        own = replica_id()
+        yield own
+        if target_replica is not None and target_replica != own:
+            return
+        quiet_since = time.monotonic()
+        while True:
+            text, last_id = await self.llm.call(functools.partial(_step_events, last_id))
+            if text or time.monotonic() - quiet_since > KEEP_ALIVE_SECONDS:
+                quiet_since = time.monotonic()
+                yield text or ": keep-alive\n\n"
+            await asyncio.sleep(STEP_POLL_S)
+
     async def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve every `request_routing_stats_period_s`; what the routers and `/metrics` read."""
         return await self.llm.call(_routing_report) | {"reported_at": time.time(), "pid": os.getpid(),
@@ -108,13 +128,26 @@ def replica_id() -> str:
 
 # ---- run in the engine process ------------------------------------------------------------------------
 
-_metrics: ServerMetrics | None = None  # the engine process's own (one engine a process)
+# The engine process's own (one engine a process), set up by `_engine_setup`.
+_metrics: ServerMetrics | None = None
+_steps = StepStream()  # records only while a dashboard polls (and `linger` s after)
 
 
 def _engine_setup(model_name: str | None, engine: LLMEngine) -> tuple[StepObserver, QueueObserver]:
     global _metrics
-    _metrics = ServerMetrics(model_name or Path(engine.model_path).stem)
-    return _metrics.observe_step, _metrics.observe_queue
+    metrics = _metrics = ServerMetrics(model_name or Path(engine.model_path).stem)
+
+    def observe_step(stats: StepStats, outputs: list[RequestOutput]) -> None:
+        metrics.observe_step(stats, outputs)
+        _steps.observe(stats, outputs)
+
+    return observe_step, metrics.observe_queue
+
+
+def _step_events(last_id: int | None, engine: LLMEngine) -> tuple[str, int | None]:
+    from conveyor.distributed import replica  # the module's one ring (see _routing_report)
+
+    return replica._steps.poll(last_id)
 
 
 def _describe(engine: LLMEngine) -> dict[str, Any]:
