@@ -116,3 +116,31 @@ def test_bad_fleets_are_refused() -> None:
         simulate_fleet(_config(), _five_ms_plus_half_per_token, _burst(2), 0)
     with pytest.raises(ValueError, match="policy must be one of"):
         simulate_fleet(_config(), _five_ms_plus_half_per_token, _burst(2), 2, "round-robin")
+
+
+def test_highest_rate_brackets_then_bisects() -> None:
+    from conveyor.distributed.project import highest_rate
+
+    assert highest_rate(lambda rate: rate <= 3.0, hint=1.0) == pytest.approx(3.0, rel=0.05)
+    assert highest_rate(lambda rate: rate <= 0.3, hint=1.0) == pytest.approx(0.3, rel=0.05)
+    assert highest_rate(lambda rate: False, hint=1.0) == 0.0
+
+
+def test_the_projection_scales_with_replicas_on_a_synthetic_cost_model() -> None:
+    from conveyor.distributed.project import project
+    from conveyor.tune.cost_model import AttentionShape, CostModel
+    from conveyor.tune.search import Slo
+    from conveyor.tune.workloads import SimWorkload
+
+    cost = CostModel(AttentionShape(block_size=4, num_full_layers=1), (0.005, 0.0005, 0, 0, 0, 0, 0, 0))
+
+    def workload_for(count: int) -> SimWorkload:
+        def build(rate: float) -> tuple[list[SimRequest], None]:
+            return [SimRequest(str(i), i / rate, [1000 + 50 * i + j for j in range(24)], 16)
+                    for i in range(24 * count)], None
+        return SimWorkload("synthetic", build, "req/s")
+
+    rows = project(_config(), cost, workload_for, Slo(ttft=0.2, itl=None), [1, 2], ["pow2", "prefix"], rate_hint=5.0)
+    rates = {(row["replicas"], row["policy"]): row["max_rate"] for row in rows}
+    for policy in ("pow2", "prefix"):
+        assert rates[1, policy] > 0 and 1.5 < rates[2, policy] / rates[1, policy] < 2.5, rates
