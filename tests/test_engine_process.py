@@ -115,6 +115,9 @@ def test_a_child_that_dies_fails_its_requests_and_says_so(process: EngineProcess
 
     error = asyncio.run(main())
     assert error is not None and "died" in str(error)
+    deadline = time.monotonic() + 5
+    while not exits and time.monotonic() < deadline:  # told from the reader thread, after the requests
+        time.sleep(0.05)
     assert not process.is_alive and len(exits) == 1
     with pytest.raises(EngineDeadError):
         asyncio.run(process.add_request(PROMPTS[0], GREEDY, "late"))

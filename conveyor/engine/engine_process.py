@@ -368,4 +368,7 @@ def _picklable(error: BaseException) -> BaseException:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-process: %(message)s")
-    _engine_main(Connection(int(sys.argv[1])))
+    try:
+        _engine_main(Connection(int(sys.argv[1])))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the host is gone: so is its engine
+        pass
