@@ -193,7 +193,8 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
 
 
 @pytest.mark.slow  # waits for Serve to start a replacement replica
-def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str) -> None:
+@pytest.mark.parametrize("process", ["pid", "engine_pid"])  # the replica actor, or its engine process
+def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str, process: str) -> None:
     httpx.post(f"{base_url}/reset_prefix_cache")
     prompt = [150 + i % 7 for i in range(40)]
     primed = time.time()
@@ -212,7 +213,7 @@ def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str)
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         events.append(next(line for line in lines if line.startswith("data:")))
-        os.kill(before[victim]["pid"], signal.SIGKILL)
+        os.kill(before[victim][process], signal.SIGKILL)
         events += [line for line in lines if line.startswith("data:")]
     assert events[-1] == "data: [DONE]", events[-3:]
     error = json.loads(events[-2][len("data: "):]).get("error")
