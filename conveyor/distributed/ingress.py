@@ -223,7 +223,7 @@ class ReplicaPool:
 
 
 def _engine_died(error: RayTaskError) -> bool:
-    """The replica is up but its engine process died (it fails its health check and is replaced)."""
+    """The replica is up but its engine process died (the replica ends itself and Serve replaces it)."""
     return isinstance(error.cause, EngineDeadError)
 
 
