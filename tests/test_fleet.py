@@ -66,7 +66,7 @@ def test_a_burst_finishes_faster_on_more_replicas(policy: str) -> None:
     durations = {n: simulate_fleet(_config(), _five_ms_plus_half_per_token, requests, n, policy).run.duration
                  for n in (1, 4)}
     speedup = durations[1] / durations[4]
-    assert 2.5 < speedup <= 4.2, durations  # random spreads unevenly, but four replicas beat one by far
+    assert (2.0 if policy == "random" else 2.8) < speedup <= 4.2, durations  # random spreads unevenly
     fleet = simulate_fleet(_config(), _five_ms_plus_half_per_token, requests, 4, policy)
     assert sum(fleet.requests_per_replica) == 64 and min(fleet.requests_per_replica) > 0
 
