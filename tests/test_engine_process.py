@@ -8,6 +8,7 @@ import asyncio
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,7 +126,8 @@ def test_a_child_that_dies_fails_its_requests_and_says_so(process: EngineProcess
 
 def test_the_child_exits_when_its_host_closes_the_pipe(process: EngineProcess) -> None:
     process._closed = True  # as if the host were gone: nothing to stop, nobody to tell
-    process._conn.close()  # what the host's death does to the pipe
+    # What the host's death does to the pipe (closing our end would not: the reader thread holds it open).
+    socket.socket(fileno=os.dup(process._conn.fileno())).shutdown(socket.SHUT_RDWR)
     assert process.process.wait(timeout=10) == 0
 
 

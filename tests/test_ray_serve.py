@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -160,7 +161,10 @@ def test_the_dashboard_shows_each_replica_its_own_steps(base_url: str) -> None:
                 assert not watcher.done(), watcher  # a stream that ended early (or failed) would show here
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.sleep(2 * STEP_IDLE_PING_S)  # the replicas' streams notice the viewers left, and end
         return finished, sent
+
+    from conveyor.distributed.replica import STEP_IDLE_PING_S
 
     finished, sent = asyncio.run(main())
     first, second = finished.values()
@@ -182,8 +186,10 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
     conversations = [[100 + 7 * c + i % 5 for i in range(40)] for c in range(6)]
     previous_len = [0] * len(conversations)
     for turn in range(3):
-        for index, prompt in enumerate(conversations):
-            usage = _complete(base_url, prompt)["usage"]
+        # A turn of every conversation at once: the first turns, matching nothing, are spread by load.
+        with ThreadPoolExecutor(len(conversations)) as pool:
+            usages = list(pool.map(lambda prompt: _complete(base_url, prompt)["usage"], conversations))
+        for index, (prompt, usage) in enumerate(zip(conversations, usages)):
             # Everything before the previous turn's last partial block was cached on its replica.
             cached = usage["prompt_tokens_details"]["cached_tokens"]
             assert cached >= previous_len[index] - BLOCK_SIZE, (turn, index, cached)

@@ -36,13 +36,16 @@ from conveyor.engine.stats import StepStats
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.metrics import ServerMetrics
-from conveyor.server.step_stream import KEEP_ALIVE_SECONDS, StepStream
+from conveyor.server.step_stream import StepStream
 
 if TYPE_CHECKING:
     from conveyor.engine.engine import LLMEngine
 
 T = TypeVar("T")
 STEP_POLL_S = 0.25  # how often a dashboard viewer's stream asks the engine process for new steps
+# While idle, a comment line this often: a stream whose viewer left ends at the next write, and until then
+# Serve counts it among the replica's requests (the routers' load).
+STEP_IDLE_PING_S = 1.0
 logger = logging.getLogger(__name__)
 
 
@@ -91,9 +94,9 @@ class EngineReplica:
         quiet_since = time.monotonic()
         while True:
             text, last_id = await self.llm.call(functools.partial(_step_events, last_id))
-            if text or time.monotonic() - quiet_since > KEEP_ALIVE_SECONDS:
+            if text or time.monotonic() - quiet_since > STEP_IDLE_PING_S:
                 quiet_since = time.monotonic()
-                yield text or ": keep-alive\n\n"
+                yield text or ": idle\n\n"  # a comment line: writing it is how the ingress learns the viewer left
             await asyncio.sleep(STEP_POLL_S)
 
     async def record_routing_stats(self) -> dict[str, Any]:
