@@ -3,8 +3,11 @@ routers (`router.py`) decide with them, and the fleet simulator (`fleet.py`) pro
 
 Prefix-aware: the replica holding the longest run of the prompt's leading blocks wins (ties: the less
 loaded), unless that replica is overloaded on its own terms (more than `max_waiting` requests beyond its
-seats, or its KV pool nearly full); when it is, or when no replica holds a block of the prompt, the less
-loaded of two random replicas takes the request (power of two choices).
+seats, or its KV pool nearly full) or carries more than `max_load_gap` requests beyond the least loaded
+replica; when it is, or when no replica holds a block of the prompt, the less loaded of two random
+replicas takes the request (power of two choices). The gap rule came from the fleet projection
+(docs/scaling.md): without it, prompts sharing a system prompt all follow the first replica that ran it,
+and with a handful of system prompts most of a large fleet stays idle.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ class PrefixPolicy:
     max_waiting: int = 8
     max_kv_usage: float = 0.95
     min_match_blocks: int = 1
+    max_load_gap: int | None = 8  # None: no gap rule
 
     def overloaded(self, replica: ReplicaView) -> bool:
         return replica.load - replica.seats > self.max_waiting or replica.kv_usage >= self.max_kv_usage
 
     def choose(self, replicas: Sequence[ReplicaView], rng: random.Random) -> tuple[int, str]:
-        """(the chosen replica's index, why: "prefix", "fallback_overloaded" or "fallback_no_match")."""
+        """(the chosen replica's index, why: "prefix", "fallback_overloaded", "fallback_busier" or
+        "fallback_no_match")."""
         best = max(replica.matched_blocks for replica in replicas)
         if best < self.min_match_blocks:
             return least_loaded_of_two([r.load for r in replicas], rng), "fallback_no_match"
@@ -42,6 +47,9 @@ class PrefixPolicy:
         chosen = min(tied, key=lambda index: replicas[index].load)
         if self.overloaded(replicas[chosen]):
             return least_loaded_of_two([r.load for r in replicas], rng), "fallback_overloaded"
+        least = min(replica.load for replica in replicas)
+        if self.max_load_gap is not None and replicas[chosen].load - least > self.max_load_gap:
+            return least_loaded_of_two([r.load for r in replicas], rng), "fallback_busier"
         return chosen, "prefix"
 
 

@@ -64,12 +64,12 @@ class _Conveyor:
 
 class PrefixAwareRouter(_Conveyor, RequestRouter):
     def initialize_state(self, max_waiting: int = 8, max_kv_usage: float = 0.95, routed_ttl_s: float = 10.0,
-                         min_match_blocks: int = 1) -> None:
-        self.policy = PrefixPolicy(max_waiting, max_kv_usage, min_match_blocks)
+                         min_match_blocks: int = 1, max_load_gap: int | None = 8) -> None:
+        self.policy = PrefixPolicy(max_waiting, max_kv_usage, min_match_blocks, max_load_gap)
         self.routed_ttl_s = routed_ttl_s
         self._rng = random.Random()
         self._routed: dict[ReplicaID, dict[int, float]] = {}  # replica -> hash -> when this router sent it
-        self.decisions = {"prefix": 0, "fallback_overloaded": 0, "fallback_no_match": 0}
+        self.decisions = dict.fromkeys(("prefix", "fallback_overloaded", "fallback_busier", "fallback_no_match"), 0)
         self._register()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
