@@ -4,11 +4,13 @@ here and shut down after; the module takes well under a minute and a half."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -111,7 +113,8 @@ def test_same_api_as_conveyor_serve(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v1/completions", content=b"{not json").status_code == 400
     paths = set(httpx.get(f"{base_url}/openapi.json").json()["paths"])
     assert paths == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
-                     "/reset_prefix_cache", "/tokenize", "/detokenize"}  # conveyor serve's, less the dashboard
+                     "/reset_prefix_cache", "/tokenize", "/detokenize", "/v1/engine/config",
+                     "/v1/engine/steps"}  # conveyor serve's
 
 
 def test_health_and_metrics_per_replica(base_url: str) -> None:
@@ -123,6 +126,50 @@ def test_health_and_metrics_per_replica(base_url: str) -> None:
     assert "conveyor:replicas 2.0" in text
     for replica in health["replica"]:
         assert f'replica="{replica}"' in text
+
+
+def test_the_dashboard_shows_each_replica_its_own_steps(base_url: str) -> None:
+    config = httpx.get(f"{base_url}/v1/engine/config").json()
+    replicas = config["replicas"]
+    assert sorted(replicas) == sorted(httpx.get(f"{base_url}/health").json()["replica"])
+    assert config["engine"]["max_num_seqs"] == 64 and config["engine"]["num_threads"] == 1  # one replica's
+    assert "replica" in httpx.get(f"{base_url}/dashboard").text
+    missing = httpx.get(f"{base_url}/v1/engine/steps", params={"replica": "nope"})
+    assert missing.status_code == 404 and "no live replica" in missing.json()["error"]["message"]
+
+    async def watch(http: httpx.AsyncClient, replica: str, finished: set[str]) -> None:
+        async with http.stream("GET", "/v1/engine/steps", params={"replica": replica}) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    finished.update(r.rsplit("-", 2)[0] for r in json.loads(line[len("data: "):])["finished"])
+
+    async def main() -> tuple[dict[str, set[str]], list[str]]:
+        finished: dict[str, set[str]] = {replica: set() for replica in replicas}
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            watchers = [asyncio.create_task(watch(http, r, finished[r])) for r in replicas]
+            await asyncio.sleep(1.0)  # both streams polling: their replicas record steps from now on
+            sent: list[str] = []
+            for _ in range(4):  # distinct prompts: spread by load, so both replicas get some
+                responses = await asyncio.gather(*(http.post("/v1/completions", json={
+                    "prompt": [300 + len(sent) + i] * 9, "max_tokens": 6, "ignore_eos": True}) for i in range(6)))
+                sent += [r.json()["id"] for r in responses]
+                if all(finished.values()):
+                    break
+            await asyncio.sleep(1.0)  # the last steps reach the viewers
+            for watcher in watchers:
+                assert not watcher.done(), watcher  # a stream that ended early (or failed) would show here
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.sleep(2 * STEP_IDLE_PING_S)  # the replicas' streams notice the viewers left, and end
+        return finished, sent
+
+    from conveyor.distributed.replica import STEP_IDLE_PING_S
+
+    finished, sent = asyncio.run(main())
+    first, second = finished.values()
+    assert first and second and not first & second, finished  # each replica shows its own requests only
+    assert first | second == set(sent)
 
 
 def _complete(base_url: str, prompt: list[int], max_tokens: int = 8) -> dict:
@@ -139,8 +186,10 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
     conversations = [[100 + 7 * c + i % 5 for i in range(40)] for c in range(6)]
     previous_len = [0] * len(conversations)
     for turn in range(3):
-        for index, prompt in enumerate(conversations):
-            usage = _complete(base_url, prompt)["usage"]
+        # A turn of every conversation at once: the first turns, matching nothing, are spread by load.
+        with ThreadPoolExecutor(len(conversations)) as pool:
+            usages = list(pool.map(lambda prompt: _complete(base_url, prompt)["usage"], conversations))
+        for index, (prompt, usage) in enumerate(zip(conversations, usages)):
             # Everything before the previous turn's last partial block was cached on its replica.
             cached = usage["prompt_tokens_details"]["cached_tokens"]
             assert cached >= previous_len[index] - BLOCK_SIZE, (turn, index, cached)
@@ -150,7 +199,8 @@ def test_prefix_aware_routing_keeps_each_conversation_on_its_cache(base_url: str
 
 
 @pytest.mark.slow  # waits for Serve to start a replacement replica
-def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str) -> None:
+@pytest.mark.parametrize("process", ["pid", "engine_pid"])  # the replica actor, or its engine process
+def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str, process: str) -> None:
     httpx.post(f"{base_url}/reset_prefix_cache")
     prompt = [150 + i % 7 for i in range(40)]
     primed = time.time()
@@ -169,7 +219,7 @@ def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str)
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         events.append(next(line for line in lines if line.startswith("data:")))
-        os.kill(before[victim]["pid"], signal.SIGKILL)
+        os.kill(before[victim][process], signal.SIGKILL)
         events += [line for line in lines if line.startswith("data:")]
     assert events[-1] == "data: [DONE]", events[-3:]
     error = json.loads(events[-2][len("data: "):]).get("error")

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,14 +35,22 @@ from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.app import build_app
+from conveyor.server.dashboard import (
+    dashboard_page_router,
+    engine_description,
+    parse_last_event_id,
+    step_response,
+)
+from conveyor.server.errors import APIError
 from conveyor.server.serving import ServerSettings
+from conveyor.server.step_stream import StepStream
 from conveyor.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
-_HEALTH_KEYS = ("pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
+_HEALTH_KEYS = ("pid", "engine_pid", "num_running", "num_waiting", "kv_cache_usage", "reported_at")
 
 
 class ReplicaDiedError(EngineDeadError):
@@ -52,6 +62,8 @@ class EngineFacts:
     """What the HTTP layer reads of an engine (`llm.engine`), known in the ingress without a model."""
 
     config: EngineConfig  # max_num_seqs is the seats of every replica together: admission's limit
+    replica_config: EngineConfig  # one replica's, as it reported it
+    model_path: str
     model_config: ModelConfig
     max_model_len: int
     tokenizer: Tokenizer
@@ -110,7 +122,12 @@ class ReplicaPool:
             except RayTaskError as error:
                 if isinstance(error.cause, ValueError):
                     raise ValueError(str(error.cause)) from None
-                raise
+                if not _engine_died(error):
+                    raise
+                logger.warning("request %s: its replica's engine died before accepting it (%s); sending it again",
+                               request_id, error.cause)
+                await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
+                continue
             except _REPLICA_GONE as error:
                 logger.warning("request %s: its replica died before accepting it (%r); sending it again",
                                request_id, error)
@@ -142,7 +159,9 @@ class ReplicaPool:
                     output = await generator.__anext__()
                 except StopAsyncIteration:
                     return
-                except _REPLICA_GONE as error:
+                except (*_REPLICA_GONE, RayTaskError) as error:
+                    if isinstance(error, RayTaskError) and not _engine_died(error):
+                        raise
                     if handed_on:
                         raise ReplicaDiedError(
                             f"the engine replica running request {request_id} died after part of the output "
@@ -177,10 +196,35 @@ class ReplicaPool:
                     break
         return results
 
+    def replica_ids(self) -> dict[str, str]:
+        """The live replicas: the id `/health` shows -> the full id a call targets."""
+        router = ROUTERS.get(self.handle.deployment_name)
+        return {} if router is None else {r.unique_id: r.to_full_id_str() for r in router.curr_replicas}
+
+    async def step_events(self, target: str, last_id: int | None) -> AsyncIterator[str]:
+        """One replica's dashboard step events, for as long as the client reads."""
+        for _ in range(self.max_attempts):
+            generator = self.handle.options(stream=True).steps.remote(last_id, target_replica=target)
+            try:
+                if await generator.__anext__() != target:  # it reached another replica: ask again
+                    continue
+                async for text in generator:
+                    yield text
+                return
+            except _REPLICA_GONE:
+                return  # the page reconnects and learns the live replicas again
+            finally:
+                generator.cancel()
+
     def replicas_full_ids(self) -> Iterator[str]:
         router = ROUTERS.get(self.handle.deployment_name)
         if router is not None:
             yield from (replica_id.to_full_id_str() for replica_id in router.curr_replicas)
+
+
+def _engine_died(error: RayTaskError) -> bool:
+    """The replica is up but its engine process died (the replica ends itself and Serve replaces it)."""
+    return isinstance(error.cause, EngineDeadError)
 
 
 class ReplicaMetrics:
@@ -217,7 +261,34 @@ async def build_ingress_app(handle: DeploymentHandle, settings: ServerSettings, 
         settings = dataclasses.replace(settings, model_name=Path(info["model_path"]).stem)
     seats = dataclasses.replace(config, max_num_seqs=config.max_num_seqs * num_replicas)
     grammar = GrammarCompiler(tokenizer, info["model_config"].vocab_size, info["eos_token_ids"])
-    facts = EngineFacts(seats, info["model_config"], info["max_model_len"], tokenizer, info["sampling_defaults"],
-                        grammar)
+    facts = EngineFacts(seats, config, info["model_path"], info["model_config"], info["max_model_len"], tokenizer,
+                        info["sampling_defaults"], grammar)
     pool = ReplicaPool(handle, facts, num_replicas)
-    return build_app(pool, settings, ReplicaMetrics(pool), health=pool.health)  # type: ignore[arg-type]
+    app = build_app(pool, settings, ReplicaMetrics(pool), health=pool.health)  # type: ignore[arg-type]
+    app.include_router(replica_dashboard_router(pool, settings.model_name, bool(settings.guard.api_key)))
+    return app
+
+
+def replica_dashboard_router(pool: ReplicaPool, model_name: str, requires_key: bool) -> APIRouter:
+    """`conveyor serve`'s dashboard, one replica at a time: `/v1/engine/config` lists the live replicas
+    (`replicas`, by the ids `/health` uses) and `/v1/engine/steps?replica=ID` streams that replica's steps
+    (the first replica's without it)."""
+    router = dashboard_page_router(requires_key)
+    one_replica = dataclasses.replace(pool.engine, config=pool.engine.replica_config)
+    description = engine_description(one_replica, model_name, StepStream().backlog)  # type: ignore[arg-type]
+
+    @router.get("/v1/engine/config")
+    async def engine_config() -> dict[str, Any]:
+        return description | {"replicas": sorted(pool.replica_ids())}
+
+    @router.get("/v1/engine/steps")
+    async def engine_steps(replica: str | None = None, last_event_id: str | None = Header(None)) -> Response:
+        replicas = pool.replica_ids()
+        if replica is None and replicas:
+            replica = min(replicas)
+        if replica not in replicas:
+            raise APIError(404, f"no live replica {replica!r}; the live ones: {sorted(replicas)}", "not_found_error",
+                           param="replica")
+        return step_response(pool.step_events(replicas[replica], parse_last_event_id(last_event_id)))
+
+    return router

@@ -1,60 +1,62 @@
 """One engine replica: a conveyor engine with its own KV cache and prefix cache inside a Ray Serve replica.
 
-The engine loop runs in a thread of its own (a Serve replica's main thread belongs to Ray's task loop
-and its event loop to Serve), and the engine is built in that same thread, so that one thread of the
-process starts torch's OpenMP teams, as in `conveyor serve`. Off the main thread, small parallel ops
-were measured slower there (docs/scaling.md); with one torch thread per replica (how replicas share a
-machine) no team is started at all.
+The engine runs in a process of its own (`engine.engine_process.EngineProcess`), stepped on that
+process's main thread: a Serve replica's main thread belongs to Ray's task loop and its event loop to
+Serve, and off the main thread each of torch's OpenMP parallel regions costs more to start (measured in
+docs/scaling.md, with the W1 comparison against `conveyor serve`). The replica's own work (streaming
+outputs to the ingress, health checks, routing reports) stays in the actor, off the engine's GIL.
 
 What the router needs (`record_routing_stats`, polled by Serve): the prefix cache's block hashes, the
-queues and the KV usage, and the replica's Prometheus text for the ingress's `/metrics`.
+queues and the KV usage, and the replica's Prometheus text for the ingress's `/metrics`. The metrics
+live in the engine process, where the steps are observed; `_engine_setup` puts them there.
+
+Faults: if the engine process dies, the requests in flight fail with EngineDeadError (the ingress sends
+again those that had streamed nothing) and the replica ends itself, so Serve replaces it at once
+(`check_health` also fails meanwhile). If the replica dies, its engine process sees the pipe close and exits.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import functools
+import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import generate_latest
 
 from conveyor.config import EngineConfig
-from conveyor.engine.async_engine import AsyncLLM
-from conveyor.engine.engine import LLMEngine
+from conveyor.engine.async_engine import QueueObserver, StepObserver
+from conveyor.engine.engine_process import EngineProcess
+from conveyor.engine.stats import StepStats
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.metrics import ServerMetrics
+from conveyor.server.step_stream import StepStream
+
+if TYPE_CHECKING:
+    from conveyor.engine.engine import LLMEngine
 
 T = TypeVar("T")
+STEP_POLL_S = 0.25  # how often a dashboard viewer's stream asks the engine process for new steps
+# While idle, a comment line this often: a stream whose viewer left ends at the next write, and until then
+# Serve counts it among the replica's requests (the routers' load).
+STEP_IDLE_PING_S = 1.0
+logger = logging.getLogger(__name__)
 
 
 class EngineReplica:
     """The body of the engine deployment (`app.build_app` wraps it with `serve.deployment`)."""
 
     def __init__(self, config: EngineConfig, model_name: str | None, log_interval: float = 5.0) -> None:
-        ready: concurrent.futures.Future[tuple[AsyncLLM, ServerMetrics]] = concurrent.futures.Future()
+        from ray import cloudpickle  # the ingress's calls are lambdas: they reach the engine process so
 
-        def engine_thread() -> None:
-            # The engine is built in the thread that steps it: see the module's docstring.
-            try:
-                engine = LLMEngine(config)
-                metrics = ServerMetrics(model_name or Path(engine.model_path).stem)
-                llm = AsyncLLM(engine, log_interval=log_interval, observer=metrics.observe_step,
-                               queue_observer=metrics.observe_queue, start_thread=False)
-            except BaseException as error:
-                ready.set_exception(error)
-                return
-            ready.set_result((llm, metrics))
-            llm.run()
-
-        threading.Thread(target=engine_thread, name="conveyor-engine", daemon=True).start()
-        self.llm, self.metrics = ready.result()
-        self.engine = self.llm.engine
+        self.llm = EngineProcess(config, functools.partial(_engine_setup, model_name), log_interval,
+                                 function_pickler=cloudpickle.dumps, on_exit=_end_replica)
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput | None]:
@@ -78,29 +80,92 @@ class EngineReplica:
 
     async def info(self, target_replica: str | None = None) -> dict[str, Any]:
         """What the ingress needs to parse requests as this engine would: its resolved configuration."""
-        return {"config": self.engine.config, "model_config": self.engine.model_config,
-                "max_model_len": self.engine.max_model_len, "model_path": self.engine.model_path,
-                "sampling_defaults": self.engine.sampling_defaults, "eos_token_ids": self.engine.eos_token_ids,
-                "pid": os.getpid(), "replica_id": replica_id()}
+        return await self.llm.call(_describe) | {"pid": os.getpid(), "engine_pid": self.llm.pid,
+                                                 "replica_id": replica_id()}
+
+    async def steps(self, last_id: int | None, target_replica: str | None = None) -> AsyncIterator[str]:
+        """The dashboard's step events of this replica (server-sent event text), polled from the engine
+        process every `STEP_POLL_S` while the caller reads. The first item is this replica's id: a stream
+        that reached another replica than `target_replica` ends there, and the caller asks again."""
+        own = replica_id()
+        yield own
+        if target_replica is not None and target_replica != own:
+            return
+        quiet_since = time.monotonic()
+        while True:
+            text, last_id = await self.llm.call(functools.partial(_step_events, last_id))
+            if text or time.monotonic() - quiet_since > STEP_IDLE_PING_S:
+                quiet_since = time.monotonic()
+                yield text or ": idle\n\n"  # a comment line: writing it is how the ingress learns the viewer left
+            await asyncio.sleep(STEP_POLL_S)
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve every `request_routing_stats_period_s`; what the routers and `/metrics` read."""
-        queue, hashes = await self.llm.call(lambda engine: (engine.queue_stats(), engine.cached_block_hashes()))
-        return {"reported_at": time.time(), "pid": os.getpid(), "block_size": self.engine.config.block_size,
-                "max_num_seqs": self.engine.config.max_num_seqs, **asdict(queue),
-                "kv_cache_usage": queue.kv_cache_usage, "cached_block_hashes": hashes,
-                "metrics": generate_latest(self.metrics.registry).decode()}
+        return await self.llm.call(_routing_report) | {"reported_at": time.time(), "pid": os.getpid(),
+                                                        "engine_pid": self.llm.pid}
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose check raises: here, one whose engine loop has stopped."""
+        """Serve replaces a replica whose check raises: here, one whose engine process has stopped."""
         if not self.llm.is_alive:
-            raise RuntimeError(f"the engine loop stopped: {self.llm.error!r}")
+            raise RuntimeError(f"the engine process stopped: {self.llm.error!r}")
 
     def __del__(self) -> None:
-        self.llm.shutdown(timeout=1.0)
+        if hasattr(self, "llm"):
+            self.llm.shutdown(timeout=1.0)
+
+
+def _end_replica(grace_s: float = 0.5) -> None:
+    """The engine process died: end this replica too, once the failed requests' errors are on their way,
+    so that Serve replaces it now (a dead actor) rather than after three failed health checks, and the
+    routers stop sending it requests it can no longer run."""
+    logger.error("the engine process died; ending replica %s in %.1f s", os.getpid(), grace_s)
+    time.sleep(grace_s)
+    os._exit(1)
 
 
 def replica_id() -> str:
     from ray import serve
 
     return serve.get_replica_context().replica_id.to_full_id_str()
+
+
+# ---- run in the engine process ------------------------------------------------------------------------
+
+# The engine process's own (one engine a process), set up by `_engine_setup`.
+_metrics: ServerMetrics | None = None
+_steps = StepStream()  # records only while a dashboard polls (and `linger` s after)
+
+
+def _engine_setup(model_name: str | None, engine: LLMEngine) -> tuple[StepObserver, QueueObserver]:
+    global _metrics
+    metrics = _metrics = ServerMetrics(model_name or Path(engine.model_path).stem)
+
+    def observe_step(stats: StepStats, outputs: list[RequestOutput]) -> None:
+        metrics.observe_step(stats, outputs)
+        _steps.observe(stats, outputs)
+
+    return observe_step, metrics.observe_queue
+
+
+def _step_events(last_id: int | None, engine: LLMEngine) -> tuple[str, int | None]:
+    from conveyor.distributed import replica  # the module's one ring (see _routing_report)
+
+    return replica._steps.poll(last_id)
+
+
+def _describe(engine: LLMEngine) -> dict[str, Any]:
+    return {"config": engine.config, "model_config": engine.model_config, "max_model_len": engine.max_model_len,
+            "model_path": engine.model_path, "sampling_defaults": engine.sampling_defaults,
+            "eos_token_ids": engine.eos_token_ids}
+
+
+def _routing_report(engine: LLMEngine) -> dict[str, Any]:
+    # NOTE: the module's one `_metrics`, looked up by import: were this function shipped by value, its
+    # globals would be a copy.
+    from conveyor.distributed import replica
+
+    metrics = replica._metrics
+    queue = engine.queue_stats()
+    return {"block_size": engine.config.block_size, "max_num_seqs": engine.config.max_num_seqs, **asdict(queue),
+            "kv_cache_usage": queue.kv_cache_usage, "cached_block_hashes": engine.cached_block_hashes(),
+            "metrics": generate_latest(metrics.registry).decode() if metrics is not None else ""}

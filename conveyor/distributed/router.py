@@ -25,6 +25,7 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from conveyor.distributed.policy import PrefixPolicy, ReplicaView, matched_blocks
 from conveyor.engine.kv_cache import prefix_block_hashes
 
 logger = logging.getLogger(__name__)
@@ -63,13 +64,12 @@ class _Conveyor:
 
 class PrefixAwareRouter(_Conveyor, RequestRouter):
     def initialize_state(self, max_waiting: int = 8, max_kv_usage: float = 0.95, routed_ttl_s: float = 10.0,
-                         min_match_blocks: int = 1) -> None:
-        self.max_waiting = max_waiting
-        self.max_kv_usage = max_kv_usage
+                         min_match_blocks: int = 1, max_load_gap: int | None = 8) -> None:
+        self.policy = PrefixPolicy(max_waiting, max_kv_usage, min_match_blocks, max_load_gap)
         self.routed_ttl_s = routed_ttl_s
-        self.min_match_blocks = min_match_blocks
+        self._rng = random.Random()
         self._routed: dict[ReplicaID, dict[int, float]] = {}  # replica -> hash -> when this router sent it
-        self.decisions = {"prefix": 0, "fallback_overloaded": 0, "fallback_no_match": 0}
+        self.decisions = dict.fromkeys(("prefix", "fallback_overloaded", "fallback_busier", "fallback_no_match"), 0)
         self._register()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -89,43 +89,33 @@ class PrefixAwareRouter(_Conveyor, RequestRouter):
                 ) -> RunningReplica:
         prompt = prompt_of(pending_request)
         block_size = _reported(candidate_replicas, "block_size")
-        if prompt is None or block_size is None:
-            return self._least_loaded_of_two(candidate_replicas)
-        hashes = prefix_block_hashes(prompt, block_size)
+        hashes = prefix_block_hashes(prompt, block_size) if prompt is not None and block_size is not None else []
         now = time.time()
-        matches = {r.replica_id: self._match(r, hashes, now) for r in candidate_replicas}
-        best = max(matches.values())
-        chosen: RunningReplica | None = None
-        if best >= self.min_match_blocks:
-            tied = [r for r in candidate_replicas if matches[r.replica_id] == best]
-            best_replica = min(tied, key=self._load)
-            if self._overloaded(best_replica):
-                self.decisions["fallback_overloaded"] += 1
-            else:
-                chosen = best_replica
-                self.decisions["prefix"] += 1
-        else:
-            self.decisions["fallback_no_match"] += 1
-        if chosen is None:
-            chosen = self._least_loaded_of_two(candidate_replicas)
+        views = [self._view(r, hashes, now) for r in candidate_replicas]
+        index, reason = self.policy.choose(views, self._rng)
+        chosen = candidate_replicas[index]
+        if prompt is None or block_size is None:
+            return chosen
+        self.decisions[reason] += 1
         routed = self._routed.setdefault(chosen.replica_id, {})
         for block_hash in hashes:
             routed[block_hash] = now
         return chosen
 
-    def _match(self, replica: RunningReplica, hashes: list[int], now: float) -> int:
-        """How many leading blocks of the prompt this replica holds (reported, or sent to it lately)."""
+    def _view(self, replica: RunningReplica, hashes: list[int], now: float) -> ReplicaView:
+        """The replica as the policy sees it: its load, seats, KV usage, and how many leading blocks of
+        the prompt it holds (reported, or sent to it lately)."""
         stats = replica.routing_stats
         reported = stats.get("_hash_set")
         if reported is None:  # built once per report: Serve hands us a new dict each time
             reported = stats["_hash_set"] = frozenset(stats.get("cached_block_hashes", ()))
         routed = self._routed.get(replica.replica_id, {})
-        count = 0
-        for block_hash in hashes:
-            if block_hash not in reported and now - routed.get(block_hash, -1e18) > self.routed_ttl_s:
-                break
-            count += 1
-        return count
+
+        def holds(block_hash: int) -> bool:
+            return block_hash in reported or now - routed.get(block_hash, -1e18) <= self.routed_ttl_s
+
+        return ReplicaView(self._load(replica), stats.get("max_num_seqs", replica.max_ongoing_requests),
+                           stats.get("kv_cache_usage", 0.0), matched_blocks(hashes, holds) if hashes else 0)
 
     def _load(self, replica: RunningReplica) -> int:
         """Requests on the replica: Serve's count of those in flight, else the replica's own report."""
@@ -133,16 +123,6 @@ class PrefixAwareRouter(_Conveyor, RequestRouter):
         stats = replica.routing_stats
         reported = stats.get("num_running", 0) + stats.get("num_waiting", 0)
         return max(cached or 0, reported)
-
-    def _overloaded(self, replica: RunningReplica) -> bool:
-        stats = replica.routing_stats
-        seats = stats.get("max_num_seqs", replica.max_ongoing_requests)
-        return (self._load(replica) - seats > self.max_waiting
-                or stats.get("kv_cache_usage", 0.0) >= self.max_kv_usage)
-
-    def _least_loaded_of_two(self, candidates: list[RunningReplica]) -> RunningReplica:
-        pair = random.sample(candidates, min(2, len(candidates)))
-        return min(pair, key=self._load)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

@@ -9,6 +9,7 @@ EventSource cannot send headers, and resumes after a drop with `Last-Event-ID`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -26,12 +27,27 @@ _MODEL_FIELDS = ("architecture", "num_layers", "hidden_size", "intermediate_size
 
 
 def dashboard_router(engine: LLMEngine, model_name: str, steps: StepStream, requires_key: bool) -> APIRouter:
+    router = dashboard_page_router(requires_key)
+    description = engine_description(engine, model_name, timeline_steps=steps.backlog)
+
+    @router.get("/v1/engine/config")
+    async def engine_config() -> dict[str, Any]:
+        return description
+
+    @router.get("/v1/engine/steps")
+    async def engine_steps(last_event_id: str | None = Header(None)) -> StreamingResponse:
+        return step_response(steps.stream(parse_last_event_id(last_event_id)))
+
+    return router
+
+
+def dashboard_page_router(requires_key: bool) -> APIRouter:
+    """The page and its assets (no data): `/dashboard` and `/dashboard/{name}`."""
     router = APIRouter()
     static = resources.files("conveyor.server") / "static"
     # The page learns whether to ask for the key up front, rather than from a refused request.
     page = (static / "dashboard.html").read_text().replace("{requires_key}", str(requires_key).lower())
     assets = {name: (static / name).read_text() for name in _ASSET_TYPES}
-    description = engine_description(engine, model_name, timeline_steps=steps.backlog)
 
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard() -> HTMLResponse:
@@ -43,18 +59,17 @@ def dashboard_router(engine: LLMEngine, model_name: str, steps: StepStream, requ
             raise HTTPException(404)
         return Response(assets[name], media_type=_ASSET_TYPES[name])
 
-    @router.get("/v1/engine/config")
-    async def engine_config() -> dict[str, Any]:
-        return description
-
-    @router.get("/v1/engine/steps")
-    async def engine_steps(last_event_id: str | None = Header(None)) -> StreamingResponse:
-        # Our ids are step indices; anything else (a stranger's id) starts from what the ring holds.
-        last_id = int(last_event_id) if last_event_id is not None and last_event_id.isdigit() else None
-        return StreamingResponse(steps.stream(last_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     return router
+
+
+def parse_last_event_id(header: str | None) -> int | None:
+    """Our ids are step indices; anything else (a stranger's id) starts from what the ring holds."""
+    return int(header) if header is not None and header.isdigit() else None
+
+
+def step_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def engine_description(engine: LLMEngine, model_name: str, timeline_steps: int) -> dict[str, Any]:

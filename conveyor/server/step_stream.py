@@ -72,6 +72,18 @@ class StepStream:
         newer.reverse()
         return newer
 
+    def poll(self, last_id: int | None) -> tuple[str, int | None]:
+        """One visit of a viewer that polls from elsewhere (a Serve replica's dashboard, through the ingress):
+        the events after `last_id` (the last `backlog` for None, or for an id this engine never reached)
+        as one text, and the id to ask after next time. Recording goes on for `linger` s after each visit."""
+        with self.viewer():
+            if last_id is not None and last_id > self._newest_step:
+                last_id = None
+            events = self.events_after(last_id)
+        if last_id is None:
+            events = events[-self.backlog:]
+        return "".join(event.text for event in events), events[-1].step_index if events else last_id
+
     @contextmanager
     def viewer(self) -> Iterator[None]:
         with self._lock:

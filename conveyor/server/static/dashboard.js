@@ -1,5 +1,6 @@
 // The live batch view: reads /v1/engine/config once and the step stream /v1/engine/steps, and redraws at
-// most once per animation frame. Plain canvas, nothing fetched from elsewhere.
+// most once per animation frame. Plain canvas, nothing fetched from elsewhere. Under `conveyor serve --ray`
+// the config lists the replicas: one is shown at a time, picked in the header (`?replica=` on the stream).
 "use strict";
 
 const KEY_STORAGE = "conveyor-api-key";
@@ -13,6 +14,8 @@ const state = {
   requests: new Map(),  // request id -> its latest update (tokens, times)
   finished: [],         // newest first
   dirty: false,
+  replica: null,        // the replica shown (conveyor serve --ray), else null
+  stream: null,         // the AbortController of the step stream being read
 };
 
 const byId = (id) => document.getElementById(id);
@@ -58,8 +61,38 @@ async function start() {
   }
   state.config = await response.json();
   showConfig(state.config);
+  showReplicas(state.config.replicas);
   requestAnimationFrame(renderLoop);
   streamSteps();
+}
+
+// ---- replicas (conveyor serve --ray) -------------------------------------------------------------
+
+function showReplicas(replicas) {
+  if (!replicas) return;
+  if (!replicas.includes(state.replica)) state.replica = replicas[0] ?? null;
+  const picker = byId("replica");
+  picker.replaceChildren(...replicas.map((id) => new Option(id, id, false, id === state.replica)));
+  picker.onchange = () => showReplica(picker.value);
+  byId("replica-picker").hidden = false;
+}
+
+function showReplica(replica) {
+  state.replica = replica;
+  state.lastId = null;
+  forgetSteps();
+  state.dirty = true;
+  if (state.stream) state.stream.abort();  // streamSteps reconnects to the new one
+}
+
+// The live replicas again, after the one shown went away (Serve replaced it).
+async function refreshReplicas() {
+  const response = await fetch("/v1/engine/config", { headers: authHeaders() });
+  if (!response.ok) return;
+  const replicas = (await response.json()).replicas;
+  state.replica = null;
+  showReplicas(replicas);
+  showReplica(state.replica);
 }
 
 async function streamSteps() {
@@ -67,17 +100,24 @@ async function streamSteps() {
     try {
       const headers = authHeaders();
       if (state.lastId !== null) headers["Last-Event-ID"] = String(state.lastId);
-      const response = await fetch("/v1/engine/steps", { headers });
+      const query = state.replica ? `?replica=${encodeURIComponent(state.replica)}` : "";
+      state.stream = new AbortController();
+      const response = await fetch(`/v1/engine/steps${query}`, { headers, signal: state.stream.signal });
       if (response.status === 401) {
         sessionStorage.removeItem(KEY_STORAGE);
         askForKey("that key was refused");
         return;
+      }
+      if (response.status === 404 && state.replica) {  // that replica is gone
+        await refreshReplicas();
+        continue;
       }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       setStatus("live", true);
       await readEvents(response.body, onStep);
       setStatus("reconnecting");
     } catch (error) {
+      if (error.name === "AbortError") continue;  // another replica was picked: connect to it now
       setStatus(`reconnecting (${error.message})`);
     }
     await sleep(RETRY_MS);
