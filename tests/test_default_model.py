@@ -24,7 +24,7 @@ MAX_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(max_num_batched_tokens=16)  # a small budget: the prompts are chunked and share steps
+    return LLM(max_num_batched_tokens=16, dtype="float32")  # the exact model; a small budget: prompts chunked, sharing steps
 
 
 def test_greedy_matches_transformers_on_the_default_model(llm: LLM) -> None:

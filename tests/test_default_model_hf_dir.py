@@ -78,7 +78,7 @@ def test_ids_equal_transformers(hf_dir: Path, reference: dict[str, Any]) -> None
 
 
 def test_greedy_generation_equals_transformers(hf_dir: Path, reference: dict[str, Any]) -> None:
-    llm = LLM(model=str(hf_dir))
+    llm = LLM(model=str(hf_dir), dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     output = llm.generate(PROMPT, params)[0]
     assert output.prompt_token_ids == reference["prompt_ids"]
