@@ -62,20 +62,17 @@ def machine_precision(device: str) -> tuple[str, str | None, str]:
     """What `--dtype auto` runs on this machine: (dtype, quantization, why).
 
     The fastest mode whose next-token distributions stay within llama.cpp's Q4_K_M error of the exact
-    model (docs/benchmarks.md, "Choosing the default precision"): the int8 method where the CPU has int8
-    dot products (VNNI), bf16 where it has only bf16 ones, else fp32 (the exact model), which is also what
-    any other device gets (not measured there).
+    model (docs/benchmarks.md, "A better int8 mode, and the default precision"): bf16 on a CPU with
+    native bf16 dot products (AVX-512 BF16, AMX), where it measured as fast as either int8 mode and 5x
+    closer to the exact model than llama.cpp; else fp32, the exact model (bf16 is emulated there, and
+    the int8 mode is not measured on such CPUs), which is also what any other device gets.
     """
     if device != "cpu":
         return "float32", None, f"device {device}: not measured there, the exact model"
-    flags = cpu_flags()
-    int8_dot = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    if int8_dot:
-        return "float32", "int8", f"the CPU has {int8_dot[0]} (int8 dot products)"
-    bf16_dot = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    bf16_dot = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
     if bf16_dot:
-        return "bfloat16", None, f"the CPU has {bf16_dot[0]} but no VNNI"
-    return "float32", None, "the CPU has neither VNNI nor bf16 dot products: the exact model"
+        return "bfloat16", None, f"the CPU has {bf16_dot[0]} (native bf16 dot products)"
+    return "float32", None, "the CPU has no native bf16 dot products: the exact model"
 
 
 @dataclass
@@ -150,13 +147,13 @@ class EngineConfig:
     num_threads: int | None = _knob(None, "torch threads (default: every core this process may run on)")
     device: str = _knob("cpu", "torch device the model, the KV cache and every step's tensors live on")
     dtype: str = _knob("auto", "weight and activation dtype; auto: the fastest precision within llama.cpp "
-                               "Q4_K_M's error on this machine (quantization int8 on a CPU with VNNI, else "
-                               "bfloat16 on one with AVX-512 BF16, else float32), or float32 when a "
-                               "--quantization is given; float32 is the exact model", choices=_DTYPES)
-    quantization: str | None = _knob(None, "int8: smoothed int8 in most linear layers, bf16 in down_proj and the "
-                                           "lm_head (faster on a CPU with VNNI; within llama.cpp Q4_K_M's error); "
-                                           "int8-fast: every linear layer in int8 (faster still, ~8x that error); "
-                                           "docs/configuration.md", choices=QUANTIZATION_METHODS)
+                               "Q4_K_M's error on this machine (bfloat16 on a CPU with AVX-512 BF16 or AMX, "
+                               "else float32), or float32 under a --quantization; float32 is the exact model",
+                       choices=_DTYPES)
+    quantization: str | None = _knob(None, "int8: smoothed int8 in q/k/v, o, gate/up, bf16 in down_proj and the "
+                                           "lm_head (within llama.cpp Q4_K_M's error); int8-fast: every linear "
+                                           "layer in int8 (~8x that error); docs/configuration.md",
+                                     choices=QUANTIZATION_METHODS)
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs), torch (the reference path), or auto (onednn where it "
                                        "can run, else torch)", choices=LINEAR_KERNELS)

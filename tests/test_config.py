@@ -58,9 +58,9 @@ def test_configs_are_immutable_and_resolution_fills_every_derived_default() -> N
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, ("float32", "int8")),
-    ({"avx2", "avx_vnni"}, ("float32", "int8")),
-    ({"avx2", "avx512f", "avx512_bf16"}, ("bfloat16", None)),
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, ("bfloat16", None)),
+    ({"avx2", "amx_bf16", "amx_int8"}, ("bfloat16", None)),
+    ({"avx2", "avx512f", "avx512_vnni"}, ("float32", None)),
     ({"avx2", "fma"}, ("float32", None)),
     (set(), ("float32", None)),
 ])
@@ -77,10 +77,10 @@ def test_dtype_auto_picks_the_fastest_mode_within_llama_cpps_error_by_cpu_flags(
 def test_dtype_auto_gives_way_to_what_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conveyor.config, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
     assert EngineConfig(dtype="float32").precision()[:2] == ("float32", None)  # the exact model
-    assert EngineConfig(dtype="bfloat16").precision()[:2] == ("bfloat16", None)
+    assert EngineConfig(quantization="int8").precision()[:2] == ("float32", "int8")
     assert EngineConfig(quantization="int8-fast").precision()[:2] == ("float32", "int8-fast")
     assert EngineConfig(device="cuda").precision()[:2] == ("float32", None)
-    assert EngineConfig().precision()[:2] == ("float32", "int8")
+    assert EngineConfig().precision()[:2] == ("bfloat16", None)
 
 
 def _parse(*argv: str) -> argparse.Namespace:

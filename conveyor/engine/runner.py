@@ -95,6 +95,10 @@ class ModelRunner:
         if config.quantization == "int8":
             if tokenizer is None:
                 raise ValueError("quantization int8 needs the tokenizer for its calibration pass")
+            # NOTE: this mode's forward makes denormal floats (values below ~1e-38), which the CPU computes
+            # with microcode: a 512-token prefill took 17 s instead of 0.4 s until they are flushed to
+            # zero (process-wide; it changes no value above 1e-38). docs/benchmarks.md.
+            torch.set_flush_denormal(True)
             maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima)
         self.num_kv_blocks = config.num_kv_blocks
@@ -114,7 +118,8 @@ class ModelRunner:
         started = time.perf_counter()
         path, windows = calibration_windows(tokenizer, bos_id, max_len)
         digest = hashlib.sha256(f"{_CALIBRATION_FORMAT} {self.dtype} {windows}".encode())
-        for file in [model_path] if Path(model_path).is_file() else sorted(Path(model_path).glob("*")):
+        model = Path(model_path)
+        for file in [model] if model.is_file() else sorted(model.glob("*")):
             digest.update(file_fingerprint(file).encode() if file.is_file() else b"")
         cached = cache_dir() / "calibration" / f"{digest.hexdigest()[:32]}.safetensors"
         if cached.exists():
