@@ -36,7 +36,8 @@ def test_throughput_bench_writes_figures_and_pictures(tiny_model_dirs: dict[str,
                  "--modes", "continuous", "continuous-int8", "continuous-bf16", "static", "hf", "hf-continuous",
                  "--static-batch-sizes", "4",
                  "--hf-batch-sizes", "4",
-                 "--block-size", "4", "--num-kv-blocks", "512", "--output", str(output), "--plots-dir", str(tmp_path)])
+                 "--block-size", "4", "--num-kv-blocks", "512", "--dtype", "float32", "--output", str(output),
+                 "--plots-dir", str(tmp_path)])
     assert code == 0
     report = json.loads(output.read_text())
     modes = [r["mode"] for r in report["results"]]
