@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-QUANTIZATION_METHODS = ("int8",)  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
+QUANTIZATION_METHODS = ("int8", "int8-fast")  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
@@ -44,6 +44,35 @@ def available_cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (`avx512_vnni`, `avx512_bf16`, ...); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def machine_precision(device: str) -> tuple[str, str | None, str]:
+    """What `--dtype auto` runs on this machine: (dtype, quantization, why).
+
+    The fastest mode whose next-token distributions stay within llama.cpp's Q4_K_M error of the exact
+    model (docs/benchmarks.md, "A better int8 mode, and the default precision"): bf16 on a CPU with
+    native bf16 dot products (AVX-512 BF16, AMX), where it measured as fast as either int8 mode and 5x
+    closer to the exact model than llama.cpp; else fp32, the exact model (bf16 is emulated there, and
+    the int8 mode is not measured on such CPUs), which is also what any other device gets.
+    """
+    if device != "cpu":
+        return "float32", None, f"device {device}: not measured there, the exact model"
+    bf16_dot = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if bf16_dot:
+        return "bfloat16", None, f"the CPU has {bf16_dot[0]} (native bf16 dot products)"
+    return "float32", None, "the CPU has no native bf16 dot products: the exact model"
 
 
 @dataclass
@@ -91,6 +120,7 @@ def _knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None, cl
 
 
 _DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPES = ("auto", *_DTYPE_SIZES)
 
 
 @dataclass(frozen=True)
@@ -116,10 +146,14 @@ class EngineConfig:
     num_kv_blocks: int | None = _knob(None, "KV-cache pool size in blocks (overrides --kv-cache-memory)")
     num_threads: int | None = _knob(None, "torch threads (default: every core this process may run on)")
     device: str = _knob("cpu", "torch device the model, the KV cache and every step's tensors live on")
-    dtype: str = _knob("float32", "weight and activation dtype", choices=tuple(_DTYPE_SIZES))
-    quantization: str | None = _knob(None, "int8: int8 weights and activations in the linear layers (faster "
-                                           "on a CPU with VNNI, a small drift from fp32 logits; "
-                                           "docs/configuration.md)", choices=QUANTIZATION_METHODS)
+    dtype: str = _knob("auto", "weight and activation dtype; auto: the fastest precision within llama.cpp "
+                               "Q4_K_M's error on this machine (bfloat16 on a CPU with AVX-512 BF16 or AMX, "
+                               "else float32), or float32 under a --quantization; float32 is the exact model",
+                       choices=_DTYPES)
+    quantization: str | None = _knob(None, "int8: smoothed int8 in q/k/v, o, gate/up, bf16 in down_proj and the "
+                                           "lm_head (within llama.cpp Q4_K_M's error); int8-fast: every linear "
+                                           "layer in int8 (~8x that error); docs/configuration.md",
+                                     choices=QUANTIZATION_METHODS)
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs), torch (the reference path), or auto (onednn where it "
                                        "can run, else torch)", choices=LINEAR_KERNELS)
@@ -141,8 +175,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.dtype not in _DTYPE_SIZES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or unset, "
                              f"got {self.quantization!r}")
@@ -150,17 +184,28 @@ class EngineConfig:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
         parse_memory_size(self.kv_cache_memory)
 
+    def precision(self) -> tuple[str, str | None, str]:
+        """(dtype, quantization, why) this config runs: `--dtype auto` picked for this machine
+        (`machine_precision`), or float32 under a given quantization; as given otherwise."""
+        if self.dtype != "auto":
+            return self.dtype, self.quantization, "as configured"
+        if self.quantization is not None:
+            return "float32", self.quantization, "dtype auto under a given quantization"
+        return machine_precision(self.device)
+
     def resolved(self, model_path: str, model: ModelConfig) -> EngineConfig:
-        """A copy with every derived default filled in for this model: paths, max_model_len, threads and
-        the KV pool's size in blocks. Raises ValueError for settings the model cannot take."""
+        """A copy with every derived default filled in for this model: precision (`precision`), paths,
+        max_model_len, threads and the KV pool's size in blocks. Raises ValueError for settings the model
+        cannot take."""
+        dtype, quantization, _ = self.precision()
         limit = model.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {limit}")
-        bytes_per_block = model.kv_cache_bytes_per_token(_DTYPE_SIZES[self.dtype]) * self.block_size
+        bytes_per_block = model.kv_cache_bytes_per_token(_DTYPE_SIZES[dtype]) * self.block_size
         num_kv_blocks = self.num_kv_blocks or parse_memory_size(self.kv_cache_memory) // bytes_per_block
         if num_kv_blocks < 1:
             raise ValueError(f"kv_cache_memory {self.kv_cache_memory!r} holds no block of {bytes_per_block} bytes")
-        return replace(self, model=model_path, tokenizer=self.tokenizer or model_path,
+        return replace(self, dtype=dtype, quantization=quantization, model=model_path, tokenizer=self.tokenizer or model_path,
                        max_model_len=self.max_model_len or min(limit, DEFAULT_MAX_MODEL_LEN),
                        num_threads=self.num_threads or available_cpu_count(), num_kv_blocks=num_kv_blocks)
 

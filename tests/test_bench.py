@@ -33,22 +33,27 @@ def test_w1_generator_matches_the_reference_recipe() -> None:
 def test_throughput_bench_writes_figures_and_pictures(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     output = tmp_path / "throughput.json"
     code = main(["bench", "throughput", "--model", str(tiny_model_dirs["llama"]), *TINY_WORKLOAD,
-                 "--modes", "continuous", "continuous-int8", "static", "hf", "hf-continuous", "--static-batch-sizes", "4",
+                 "--modes", "continuous", "continuous-int8", "continuous-bf16", "static", "hf", "hf-continuous",
+                 "--static-batch-sizes", "4",
                  "--hf-batch-sizes", "4",
-                 "--block-size", "4", "--num-kv-blocks", "512", "--output", str(output), "--plots-dir", str(tmp_path)])
+                 "--block-size", "4", "--num-kv-blocks", "512", "--dtype", "float32", "--output", str(output),
+                 "--plots-dir", str(tmp_path)])
     assert code == 0
     report = json.loads(output.read_text())
     modes = [r["mode"] for r in report["results"]]
-    assert modes == ["continuous", "continuous int8", "static (batch 4)", "transformers static (batch 4)",
-                     "transformers continuous"]
+    assert modes == ["continuous", "continuous int8", "continuous bfloat16", "static (batch 4)",
+                     "transformers static (batch 4)", "transformers continuous"]
     assert report["results"][1]["settings"]["quantization"] == "int8"
+    assert report["results"][2]["settings"]["dtype"] == "bfloat16"
+    assert all(r["median_decode_step_seconds"] > 0 for r in report["results"][:3])
     for result in report["results"]:
         assert result["output_tokens"] == sum(r.output_len for r in w1_requests(
             seed=1234, num_requests=6, min_input=8, max_input=40, min_output=4, max_output=12, bos_id=1,
             token_ids=(5, 300)))
         assert result["wall_seconds"] > 0 and result["output_tokens_per_second"] > 0
     assert report["peak_rss_bytes"] > 0
-    for picture in ("timeline_continuous.png", "timeline_continuous_int8.png", "timeline_static_4.png",
+    for picture in ("timeline_continuous.png", "timeline_continuous_int8.png", "timeline_continuous_bfloat16.png",
+                    "timeline_static_4.png",
                     "cache_continuous.png", "throughput.html"):
         assert (tmp_path / picture).stat().st_size > 500, picture
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from conveyor.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, ModelConfig
+import conveyor.config
+from conveyor.config import DEFAULT_MAX_MODEL_LEN, EngineConfig, ModelConfig, machine_precision
 
 
 def _model(max_positions: int = 32768) -> ModelConfig:
@@ -41,7 +42,7 @@ def test_bad_values_are_refused_with_the_name(bad: dict) -> None:
 
 
 def test_configs_are_immutable_and_resolution_fills_every_derived_default() -> None:
-    config = EngineConfig(block_size=4, kv_cache_memory="1MiB")
+    config = EngineConfig(block_size=4, kv_cache_memory="1MiB", dtype="float32")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.max_num_seqs = 2  # type: ignore[misc]
     resolved = config.resolved("/models/m.gguf", _model())
@@ -54,6 +55,32 @@ def test_configs_are_immutable_and_resolution_fills_every_derived_default() -> N
         EngineConfig(max_model_len=1024).resolved("m", _model(max_positions=512))
     with pytest.raises(ValueError, match="holds no block"):
         EngineConfig(kv_cache_memory=100).resolved("m", _model())
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, ("bfloat16", None)),
+    ({"avx2", "amx_bf16", "amx_int8"}, ("bfloat16", None)),
+    ({"avx2", "avx512f", "avx512_vnni"}, ("float32", None)),
+    ({"avx2", "fma"}, ("float32", None)),
+    (set(), ("float32", None)),
+])
+def test_dtype_auto_picks_the_fastest_mode_within_llama_cpps_error_by_cpu_flags(
+        monkeypatch: pytest.MonkeyPatch, flags: set[str], expected: tuple[str, str | None]) -> None:
+    monkeypatch.setattr(conveyor.config, "cpu_flags", lambda: frozenset(flags))
+    assert machine_precision("cpu")[:2] == expected
+    resolved = EngineConfig(block_size=4, kv_cache_memory="1MiB").resolved("m", _model())
+    assert (resolved.dtype, resolved.quantization) == expected
+    bytes_per_block = 2 * 2 * 1 * 4 * 4 * (2 if expected[0] == "bfloat16" else 4)
+    assert resolved.num_kv_blocks == 2**20 // bytes_per_block
+
+
+def test_dtype_auto_gives_way_to_what_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conveyor.config, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
+    assert EngineConfig(dtype="float32").precision()[:2] == ("float32", None)  # the exact model
+    assert EngineConfig(quantization="int8").precision()[:2] == ("float32", "int8")
+    assert EngineConfig(quantization="int8-fast").precision()[:2] == ("float32", "int8-fast")
+    assert EngineConfig(device="cuda").precision()[:2] == ("float32", None)
+    assert EngineConfig().precision()[:2] == ("bfloat16", None)
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -78,7 +78,7 @@ def test_ids_equal_transformers(hf_dir: Path, reference: dict[str, Any]) -> None
 
 
 def test_greedy_generation_equals_transformers(hf_dir: Path, reference: dict[str, Any]) -> None:
-    llm = LLM(model=str(hf_dir))
+    llm = LLM(model=str(hf_dir), dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     output = llm.generate(PROMPT, params)[0]
     assert output.prompt_token_ids == reference["prompt_ids"]
@@ -89,7 +89,8 @@ def test_greedy_generation_equals_transformers(hf_dir: Path, reference: dict[str
 @pytest.fixture(scope="module")
 def server(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     log = tmp_path_factory.mktemp("hf_dir_server") / "server.log"
-    with running_server("--model", str(hf_dir), "--kv-cache-memory", "512MiB", log_path=str(log)) as running:
+    with running_server("--model", str(hf_dir), "--kv-cache-memory", "512MiB", "--dtype", "float32",
+                        log_path=str(log)) as running:
         yield running
 
 

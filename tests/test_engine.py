@@ -15,7 +15,7 @@ OTHERS = [[1] + [(3 * i + k) % 250 + 5 for i in range(n)] for k, n in enumerate(
 
 
 def _engine(path: Path, **kwargs: object) -> LLMEngine:
-    settings: dict = dict(model=str(path), block_size=4, num_kv_blocks=256)
+    settings: dict = dict(model=str(path), block_size=4, num_kv_blocks=256, dtype="float32")
     settings.update(kwargs)
     return LLMEngine(EngineConfig(**settings))
 
@@ -94,7 +94,7 @@ def test_impossible_requests_are_refused_and_nothing_else_is_disturbed(gemma_dir
 
 
 def test_llm_generate_text_prompts_stop_strings_and_n(gemma_dir: Path) -> None:
-    llm = LLM(str(gemma_dir), block_size=4, num_kv_blocks=256)
+    llm = LLM(str(gemma_dir), block_size=4, num_kv_blocks=256, dtype="float32")
     [free] = llm.generate("hello world", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     text = free.outputs[0].text
     assert free.outputs[0].finish_reason == "length" and len(free.outputs[0].token_ids) == 20
@@ -111,7 +111,7 @@ def test_llm_generate_text_prompts_stop_strings_and_n(gemma_dir: Path) -> None:
 
 
 def test_llm_generate_refuses_the_whole_call_when_one_prompt_cannot_fit(gemma_dir: Path) -> None:
-    llm = LLM(str(gemma_dir), block_size=4, num_kv_blocks=256, max_model_len=64)
+    llm = LLM(str(gemma_dir), block_size=4, num_kv_blocks=256, max_model_len=64, dtype="float32")
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate([TARGET, [1] * 80], GREEDY)
     assert not llm.engine.has_unfinished_requests()

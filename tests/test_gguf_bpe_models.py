@@ -174,7 +174,7 @@ def test_a_chat_model_stops_at_the_end_of_its_turn(name: str, stops: set[str], g
 
 def test_one_gguf_file_serves_a_chat(gguf_files: dict[str, Path]) -> None:
     """Model, tokenizer and chat template all from the one file, as `conveyor serve --model x.gguf` runs."""
-    llm = LLM(str(gguf_files["qwen-3"]), num_kv_blocks=64)
+    llm = LLM(str(gguf_files["qwen-3"]), num_kv_blocks=64, dtype="float32")
     tokenizer = llm.engine.tokenizer
     prompt: Any = tokenizer.encode_chat(CHAT, chat_template_kwargs={"enable_thinking": False})
     assert tokenizer.decode(prompt, skip_special_tokens=False).endswith(

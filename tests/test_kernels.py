@@ -110,7 +110,7 @@ def test_engine_on_onednn_matches_the_torch_path(tiny_model_dirs: dict[str, Path
     results = {}
     for kernel in ("torch", "onednn"):
         llm = LLM(str(tiny_model_dirs[architecture]), block_size=4, max_num_batched_tokens=7, num_kv_blocks=128,
-                  linear_kernel=kernel)
+                  linear_kernel=kernel, dtype="float32")
         model = llm.engine.runner.model
         assert any(isinstance(m, OneDNNLinear) for m in model.modules()) == (kernel == "onednn")
         results[kernel] = llm.generate(prompts, params)

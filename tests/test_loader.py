@@ -108,8 +108,8 @@ def test_gguf_round_trip_and_same_generation_as_the_hf_directory(
     cached_config, cached = load_model_weights(str(tmp_path / "tiny.gguf"))  # from the weight cache now
     assert cached_config == config and all(torch.equal(cached[n], tensors[n]) for n in tensors)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    from_gguf = LLM(str(tmp_path / "tiny.gguf"), tokenizer=str(hf_dir), num_kv_blocks=64).generate([1, 5, 6], params)
-    from_hf = LLM(str(hf_dir), num_kv_blocks=64).generate([1, 5, 6], params)
+    from_gguf = LLM(str(tmp_path / "tiny.gguf"), tokenizer=str(hf_dir), num_kv_blocks=64, dtype="float32").generate([1, 5, 6], params)
+    from_hf = LLM(str(hf_dir), num_kv_blocks=64, dtype="float32").generate([1, 5, 6], params)
     agree = sum(a == b for a, b in zip(from_gguf[0].outputs[0].token_ids, from_hf[0].outputs[0].token_ids))
     assert agree >= 6  # Q8_0 MLP weights may flip a late near-tie, never the whole sequence
 

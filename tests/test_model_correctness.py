@@ -22,7 +22,7 @@ MAX_TOKENS = 12
 def test_greedy_matches_transformers(tiny_model_dirs: dict[str, Path], architecture: str, budget: int) -> None:
     path = tiny_model_dirs[architecture]
     reference_model = load_hf_model(path)
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=budget, num_kv_blocks=256)
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=budget, num_kv_blocks=256, dtype="float32")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate(PROMPTS, params)
     for prompt, output in zip(PROMPTS, outputs):

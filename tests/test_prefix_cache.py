@@ -117,7 +117,7 @@ def test_random_traffic_every_hit_holds_exactly_the_request_s_prefix(seed: int) 
 
 
 def test_requests_sharing_an_uncached_prefix_compute_it_once() -> None:
-    config = EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, block_size=BLOCK)
+    config = EngineConfig(max_num_batched_tokens=64, max_num_seqs=8, block_size=BLOCK, dtype="float32")
     scheduler = Scheduler(config, 64, 4096)
     shared = list(range(10, 30))  # five blocks
     for name in "abc":
@@ -164,7 +164,7 @@ def test_greedy_outputs_and_logprobs_are_the_same_with_caching_on_and_off(tiny_m
     results = {}
     for caching in (False, True):
         engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=BLOCK, num_kv_blocks=256,
-                                        enable_prefix_caching=caching))
+                                        enable_prefix_caching=caching, dtype="float32"))
         results[caching] = _turns(engine, conversations, turns=3)
         hits = sum(s.prefix_cache_hits for s in engine.trace or [])
         assert (hits > 0) == caching
@@ -175,7 +175,7 @@ def test_greedy_outputs_and_logprobs_are_the_same_with_caching_on_and_off(tiny_m
 def test_default_model_multi_turn_chats_are_the_same_with_caching_on_and_off() -> None:
     results, hits = {}, {}
     for caching in (False, True):
-        engine = LLMEngine(EngineConfig(max_num_batched_tokens=128, enable_prefix_caching=caching))
+        engine = LLMEngine(EngineConfig(max_num_batched_tokens=128, enable_prefix_caching=caching, dtype="float32"))
         system = engine.tokenizer.encode("You are a helpful assistant who answers in short sentences. " * 6)
         conversations = [system + engine.tokenizer.encode(f" Question {i}: what is {i} plus {i}?",
                                                           add_special_tokens=False) for i in range(3)]

@@ -1,4 +1,5 @@
-"""Opt-in int8 linear layers: the kernel against fp32, the swap on real architectures, the engine knob."""
+"""int8 linear layers: the kernels against fp32, the two methods' swaps on real architectures, the int8
+method's calibration, the engine knob."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from torch import nn
 
 from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.runner import calibration_windows
 from conveyor.model.kernels import choose_linear_kernel
-from conveyor.model.quantization import Int8Linear, OneDNNInt8Linear, quantize_linears
+from conveyor.model.quantization import (
+    HighPrecisionLinear,
+    Int8Linear,
+    OneDNNInt8Linear,
+    activation_maxima,
+    high_precision_dtype,
+    quantize_linears,
+    smoothing_factors,
+)
+from conveyor.model.registry import build_model
 
 
 def test_int8_linear_is_close_to_fp32_for_every_row_scale() -> None:
@@ -74,34 +85,122 @@ def test_smoothing_moves_an_outlier_channel_into_the_weight() -> None:
 
 
 @pytest.mark.parametrize("architecture", ["gemma3", "llama"])
+@pytest.mark.parametrize("method", ["int8", "int8-fast"])
 def test_engine_with_int8_swaps_every_linear_and_stays_near_fp32(
-        tiny_model_dirs: dict[str, Path], architecture: str) -> None:
+        tiny_model_dirs: dict[str, Path], architecture: str, method: str) -> None:
     path = str(tiny_model_dirs[architecture])
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     prompt = [1] + [(7 * i) % 250 + 5 for i in range(20)]
     results = {}
-    for quantization in (None, "int8"):
-        engine = LLMEngine(EngineConfig(model=path, block_size=4, num_kv_blocks=64, quantization=quantization))
+    for quantization in (None, method):
+        engine = LLMEngine(EngineConfig(model=path, block_size=4, num_kv_blocks=64, dtype="float32",
+                                        quantization=quantization))
         request = engine.add_request(prompt, params)
         while engine.has_unfinished_requests():
             for output in engine.step()[0]:
                 if output.finished:
                     results[quantization] = output.outputs[0]
         model = engine.runner.model
-        if quantization == "int8":
+        if quantization is not None:
             assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        if quantization == "int8-fast":
             assert isinstance(model.lm_head, Int8Linear)  # tied or not, the logits come from int8 too
+        if quantization == "int8":  # down_proj and the lm_head in bf16 (fp32 where bf16 is slow), the rest int8
+            assert isinstance(model.lm_head, HighPrecisionLinear)
+            for layer in model.layers:
+                assert isinstance(layer.mlp.down_proj, HighPrecisionLinear)
+                for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj):
+                    assert isinstance(linear, Int8Linear) and linear.inv_smooth is not None
         assert request.request_id
-    fp32, int8 = results[None], results["int8"]
+    fp32, int8 = results[None], results[method]
     assert fp32.logprobs is not None and int8.logprobs is not None
     first_fp32 = fp32.logprobs[0][fp32.token_ids[0]].logprob
     first_int8 = int8.logprobs[0].get(fp32.token_ids[0])
     assert first_int8 is not None, "int8 lost the fp32 choice from its top 3 at the first token"
-    assert abs(first_int8.logprob - first_fp32) < 0.15  # measured 0.055 on the tiny llama
+    assert abs(first_int8.logprob - first_fp32) < 0.15  # measured 0.055 on the tiny llama (int8-fast)
+
+
+def test_activation_maxima_cover_every_linear_but_the_lm_head(tiny_model_dirs: dict[str, Path]) -> None:
+    from conveyor.model.loader import load_model_weights
+
+    config, weights = load_model_weights(str(tiny_model_dirs["gemma3"]))
+    model = build_model(config, 64, weights).eval()
+    windows = [[1, *range(5, 40)], [1, *range(40, 60)]]
+    maxima = activation_maxima(model, windows, block_size=4)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(maxima) == set(linears) - {"lm_head"} and len(maxima) == 4 * config.num_layers
+    for name, seen in maxima.items():
+        assert seen.shape == (linears[name].in_features,) and bool((seen > 0).all()), name
+    # The maximum over both windows is at least each window's own.
+    first = activation_maxima(model, windows[:1], block_size=4)
+    assert all(bool((maxima[name] >= first[name]).all()) for name in maxima)
+
+
+def test_smoothing_factors_balance_activation_and_weight_ranges() -> None:
+    weight = torch.tensor([[1.0, 0.5, -4.0], [0.25, -2.0, 1.0]])
+    factors = smoothing_factors(weight, torch.tensor([100.0, 1.0, 4.0]), alpha=0.5)
+    # alpha 0.5: after smoothing, each channel's activation max and weight max are equal: sqrt(a * w).
+    assert torch.allclose(factors, torch.tensor([10.0, 1 / 2 ** 0.5, 1.0]))
+    assert torch.allclose(torch.tensor([100.0, 1.0, 4.0]) / factors, torch.tensor([1.0, 2.0, 4.0]) * factors)
+
+
+def test_int8_needs_calibration_maxima() -> None:
+    with pytest.raises(ValueError, match="activation maxima"):
+        quantize_linears(nn.Sequential(nn.Linear(2, 2)), "int8")
+
+
+@pytest.mark.parametrize("kernel", ["torch", "onednn"])
+def test_high_precision_linear_is_the_layer_in_its_dtype(kernel: str) -> None:
+    if kernel == "onednn" and choose_linear_kernel("auto", torch.device("cpu"), torch.bfloat16)[0] != "onednn":
+        pytest.skip("oneDNN bf16 cannot run on this machine")
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    for rows in (0, 1, 5, 40):
+        x = torch.randn(rows, 64, generator=generator)
+        out = HighPrecisionLinear(weight, bias, torch.bfloat16, kernel)(x)
+        expected = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
+        assert out.dtype == torch.float32 and out.shape == (rows, 48)
+        assert torch.allclose(out, expected, rtol=1e-2, atol=1e-2)
+        exact = HighPrecisionLinear(weight, bias, torch.float32, kernel)(x)
+        assert torch.allclose(exact, x @ weight.t() + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_high_precision_layers_take_bf16_only_where_the_cpu_runs_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conveyor.model.quantization as quantization
+
+    monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "avx512_bf16"}))
+    assert high_precision_dtype() == torch.bfloat16
+    monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert high_precision_dtype() == torch.float32
+
+
+def test_calibration_reads_an_os_text_that_is_not_the_evaluation_text(tiny_model_dirs: dict[str, Path]) -> None:
+    from conveyor.bench.quality import DEFAULT_TEXT
+    from conveyor.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dirs["gemma3"]))
+    path, windows = calibration_windows(tokenizer, bos_id=2, max_len=100)
+    assert path != DEFAULT_TEXT and Path(path).is_file()
+    assert all(window[0] == 2 and 2 not in window[1:] and len(window) <= 100 for window in windows)
+    assert sum(len(w) - 1 for w in windows) == 1024
+
+
+def test_int8_calibration_is_cached(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CONVEYOR_CACHE_DIR", str(tmp_path))
+    config = EngineConfig(model=str(tiny_model_dirs["llama"]), block_size=4, num_kv_blocks=64, quantization="int8")
+    with caplog.at_level("INFO", logger="conveyor.engine.runner"):
+        first = LLMEngine(config)
+        second = LLMEngine(config)
+    messages = [r.getMessage() for r in caplog.records if "int8 calibration" in r.getMessage()]
+    assert len(messages) == 2 and "(cached)" in messages[0] and "cached maxima" in messages[1]
+    assert len(list((tmp_path / "calibration").glob("*.safetensors"))) == 1
+    layer = lambda engine: engine.runner.model.layers[0].self_attn.qkv_proj  # noqa: E731
+    assert torch.equal(layer(first).inv_smooth, layer(second).inv_smooth)
 
 
 def test_unknown_quantization_is_refused() -> None:
-    with pytest.raises(ValueError, match="quantization must be one of int8"):
+    with pytest.raises(ValueError, match="quantization must be one of int8, int8-fast"):
         EngineConfig(quantization="int4")
     with pytest.raises(ValueError, match="unsupported quantization 'fp4'"):
         quantize_linears(nn.Sequential(nn.Linear(2, 2)), "fp4")

@@ -53,7 +53,7 @@ def gemma_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 
 def _engine(path: Path, **kwargs: object) -> LLMEngine:
-    settings: dict = dict(model=str(path), block_size=4, num_kv_blocks=256)
+    settings: dict = dict(model=str(path), block_size=4, num_kv_blocks=256, dtype="float32")
     settings.update(kwargs)
     return LLMEngine(EngineConfig(**settings))
 

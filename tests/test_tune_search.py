@@ -17,7 +17,7 @@ COST = CostModel(AttentionShape(16, 2), (0.010, 0.001, 0, 0, 0, 0, 0, 0))
 
 def _tuner(slo: Slo) -> Tuner:
     workload = w2_workload(w1_requests(seed=1, num_requests=24, max_output=32), burstiness=1.0, seed=1)
-    return Tuner(EngineConfig(), "model", MODEL, COST, workload, slo)
+    return Tuner(EngineConfig(dtype="float32"), "model", MODEL, COST, workload, slo)
 
 
 def test_the_highest_rate_is_where_the_slo_stops_holding() -> None:

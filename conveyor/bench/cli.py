@@ -65,6 +65,15 @@ def conversations_from_args(args: argparse.Namespace, conversation_rate: float |
         conversation_rate=conversation_rate or args.conversation_rate, mean_think_time=args.think_time)
 
 
+# `bench throughput` modes that run continuous batching in one precision each (engine knobs over the flags').
+PRECISION_MODES: dict[str, dict[str, str | None]] = {
+    "continuous-fp32": {"dtype": "float32", "quantization": None},
+    "continuous-bf16": {"dtype": "bfloat16", "quantization": None},
+    "continuous-int8": {"dtype": "float32", "quantization": "int8"},
+    "continuous-int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
+}
+
+
 def _write_json(path: str, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
@@ -87,18 +96,21 @@ def _throughput(args: argparse.Namespace) -> int:
         run_continuous(engine, requests[:2])  # first-call costs land on no measured mode
         return engine
 
-    engine = warmed_up(config)
+    # The engine of the flags, built only if a mode runs on it (a precision mode builds its own).
+    engine = warmed_up(config) if set(args.modes) - set(PRECISION_MODES) else None
     results = []
     pictures: list[tuple[str, Path]] = []
     out_dir = Path(args.plots_dir)
     for mode in args.modes:
-        if mode == "continuous":
+        if mode in PRECISION_MODES:
+            # NOTE: an engine of its own, one after another, so the precisions are measured in one run.
+            precision_engine = warmed_up(dataclasses.replace(config, **PRECISION_MODES[mode]))
+            results.append(run_continuous(precision_engine, requests))
+            del precision_engine
+        elif engine is None:
+            raise AssertionError("unreachable: the flags' engine is built for every other mode")
+        elif mode == "continuous":
             results.append(run_continuous(engine, requests))
-        elif mode == "continuous-int8":
-            # NOTE: a second engine beside the first, so both precisions are measured in one run.
-            int8_engine = warmed_up(dataclasses.replace(config, quantization="int8"))
-            results.append(run_continuous(int8_engine, requests))
-            del int8_engine
         elif mode == "static":
             for batch_size in args.static_batch_sizes:
                 results.append(run_static(engine, requests, batch_size, engine.tokenizer.pad_token_id or 0))
@@ -114,9 +126,8 @@ def _throughput(args: argparse.Namespace) -> int:
             useful = None
             if result.mode.startswith("static"):
                 useful = {rid: r.output_len - 1 for rid, r in zip(result.request_ids, requests)}
-            slug = result.mode.split()[0] + (f"_{result.settings['batch_size']}" if useful else "")
-            if result.settings.get("quantization"):
-                slug += f"_{result.settings['quantization']}"
+            slug = "_".join(result.mode.split()[:2]) if result.mode.startswith("continuous ") else \
+                result.mode.split()[0] + (f"_{result.settings['batch_size']}" if useful else "")
             pictures.append((f"batch composition: {result.mode}",
                              plots.plot_timeline(steps, out_dir / f"timeline_{slug}.png", result.mode, useful)))
             pictures.append((f"KV cache and queues: {result.mode}",
@@ -133,7 +144,7 @@ def _throughput(args: argparse.Namespace) -> int:
     _write_json(args.output, {"workload": "W1", "seed": args.seed, "num_requests": args.num_requests,
                               "time": time.time(), "peak_rss_bytes": peak_rss_bytes(),
                               "results": [r.to_dict() for r in results]})
-    if args.trace_output and engine.trace is not None:
+    if args.trace_output and engine is not None and engine.trace is not None:
         engine.trace.to_jsonl(args.trace_output)
     return 0
 
@@ -156,7 +167,9 @@ def _hf_runs(engine, requests, batch_sizes: list[int]) -> list:  # type: ignore[
 def _row(result) -> str:  # type: ignore[no-untyped-def]
     return (f"{result.mode:>34}: {result.wall_seconds:8.1f} s  {result.output_tokens_per_second:7.1f} output tok/s"
             f"  {result.total_tokens_per_second:7.1f} total tok/s  {result.num_steps:5d} steps  "
-            f"overhead {100 * result.overhead_fraction:4.1f}%  padding {result.padding_tokens} tokens")
+            f"overhead {100 * result.overhead_fraction:4.1f}%  padding {result.padding_tokens} tokens"
+            + ("" if result.median_decode_step_seconds is None
+               else f"  decode step p50 {1000 * result.median_decode_step_seconds:.1f} ms"))
 
 
 # ---- serve and sweep -----------------------------------------------------------------------------
@@ -270,9 +283,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                   "(conveyor's own static mode, and transformers' padded generate)")
     add_workload_args(throughput, seed=1234, num_requests=64)
     throughput.add_argument("--modes", nargs="+", default=["continuous", "static"],
-                            choices=["continuous", "continuous-int8", "static", "hf", "hf-continuous"],
-                            help="continuous-int8: continuous batching on a second engine with int8 linears; "
-                                 "hf: transformers' padded static generate; hf-continuous: its continuous batching")
+                            choices=["continuous", *PRECISION_MODES, "static", "hf", "hf-continuous"],
+                            help="continuous-PRECISION (fp32, bf16, int8, int8-fast): continuous batching on an "
+                                 "engine of its own in that precision, the other flags kept; hf: transformers' "
+                                 "padded static generate; hf-continuous: its continuous batching")
     throughput.add_argument("--static-batch-sizes", nargs="+", type=int, default=[16, 64])
     throughput.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16])
     throughput.add_argument("--output", default="bench_results/throughput.json")

@@ -24,7 +24,7 @@ from conveyor.config import EngineConfig, ModelConfig
 from conveyor.engine.runner import ModelRunner
 from conveyor.model.attention import SequenceSpan, build_attention_metadata
 from conveyor.model.loader import load_model_weights, resolve_model_path
-from conveyor.tokenizer import load_tokenizer
+from conveyor.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 REFERENCE_MODE = "fp32-exact"
@@ -35,6 +35,7 @@ MODES: dict[str, dict[str, str]] = {
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "int8-torch": {"dtype": "float32", "quantization": "int8", "linear_kernel": "torch"},
+    "int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
 }
 
 
@@ -89,10 +90,10 @@ class _ModeModel:
     """One mode's model, run outside the engine: a window is one prefill into a private KV cache."""
 
     def __init__(self, base: EngineConfig, knobs: dict[str, str], model_path: str, model_config: ModelConfig,
-                 weights: dict[str, torch.Tensor], window: int) -> None:
+                 weights: dict[str, torch.Tensor], window: int, tokenizer: Tokenizer) -> None:
         config = dataclasses.replace(base, **knobs, num_kv_blocks=-(-window // base.block_size) + 1,
                                      max_model_len=window + 1).resolved(model_path, model_config)
-        self.runner = ModelRunner(config, model_config, weights)
+        self.runner = ModelRunner(config, model_config, weights, tokenizer=tokenizer)
         self.sliding_window = model_config.sliding_window
 
     @torch.inference_mode()
@@ -130,7 +131,8 @@ def measure_quality(base: EngineConfig, modes: list[str], text: str | None = Non
     else:
         raise ValueError("give a text or a llama-perplexity base file")
     longest = max(len(ids) for ids in scored.windows)
-    models = {name: _ModeModel(base, MODES[name], model_path, model_config, weights, longest) for name in names}
+    models = {name: _ModeModel(base, MODES[name], model_path, model_config, weights, longest, tokenizer)
+              for name in names}
     nll: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     kl: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     agree: dict[str, list[torch.Tensor]] = {name: [] for name in names}

@@ -45,10 +45,17 @@ class ThroughputResult:
     def total_tokens_per_second(self) -> float:
         return (self.prompt_tokens + self.output_tokens) / self.wall_seconds
 
+    @property
+    def median_decode_step_seconds(self) -> float | None:
+        """The median step with no prompt work (with one request: its time per output token, TPOT)."""
+        decode = sorted(s.duration for s in self.steps if s.num_prompt_tokens == 0 and s.num_tokens)
+        return decode[len(decode) // 2] if decode else None
+
     def to_dict(self) -> dict:
         fields = {k: v for k, v in asdict(self).items() if k not in ("request_ids", "steps")}
         return {**fields, "output_tokens_per_second": self.output_tokens_per_second,
-                "total_tokens_per_second": self.total_tokens_per_second}
+                "total_tokens_per_second": self.total_tokens_per_second,
+                "median_decode_step_seconds": self.median_decode_step_seconds}
 
 
 def peak_rss_bytes() -> int:
@@ -133,5 +140,7 @@ def _settings(engine: LLMEngine) -> dict:
 
 
 def _label(engine: LLMEngine, mode: str) -> str:
-    """The mode's name, with the quantization when there is one ("continuous int8")."""
-    return mode if engine.config.quantization is None else f"{mode} {engine.config.quantization}"
+    """The mode's name, with the precision unless it is fp32 ("continuous int8", "continuous bfloat16")."""
+    c = engine.config
+    precision = c.quantization or (None if c.dtype == "float32" else c.dtype)
+    return mode if precision is None else f"{mode} {precision}"

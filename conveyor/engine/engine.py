@@ -36,13 +36,15 @@ class LLMEngine:
         started = time.perf_counter()
         self.model_path = resolve_model_path(config.model)
         self.model_config, weights = load_model_weights(self.model_path)
+        dtype, quantization, why = config.precision()
+        logger.info("precision: %s (dtype %s; %s)", quantization or dtype, dtype, why)
         self.config = config = config.resolved(self.model_path, self.model_config)
         assert config.tokenizer is not None and config.max_model_len is not None and config.num_kv_blocks
         self.tokenizer = load_tokenizer(config.tokenizer, chat_template=config.chat_template)
         self.max_model_len = config.max_model_len
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self.grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(config, self.model_config, weights, self.grammar)
+        self.runner = ModelRunner(config, self.model_config, weights, self.grammar, self.tokenizer)
         del weights
         self.scheduler = Scheduler(config, config.num_kv_blocks, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)

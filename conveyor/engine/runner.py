@@ -3,12 +3,17 @@ from the scheduler's deltas, build the flat batch, forward, sample."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from conveyor.cache import atomic_write_path, cache_dir, file_fingerprint
 from conveyor.config import EngineConfig, ModelConfig
 from conveyor.engine.batch import (
     CachedRequestState,
@@ -20,12 +25,36 @@ from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.kernels import apply_linear_kernel
+from conveyor.model.quantization import activation_maxima
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
+from conveyor.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# The int8 method's calibration text: plain English the OS (Debian, Ubuntu) or Python itself ships, never the
+# text `conveyor bench quality` scores (the GPL-3), cut into windows of 512 tokens, 1024 tokens in all.
+CALIBRATION_TEXTS = ("/usr/share/common-licenses/Apache-2.0", str(Path(os.__file__).parent / "LICENSE.txt"))
+_CALIBRATION_TOKENS, _CALIBRATION_WINDOW = 1024, 512
+_CALIBRATION_FORMAT = 1  # bump when the cached maxima's meaning changes
+
+
+def calibration_windows(tokenizer: Tokenizer, bos_id: int | None, max_len: int = _CALIBRATION_WINDOW
+                        ) -> tuple[str, list[list[int]]]:
+    """The first calibration text found, as token windows (of at most `max_len`) each led by BOS: (its path,
+    the windows)."""
+    path = next((p for p in CALIBRATION_TEXTS if Path(p).is_file()), None)
+    if path is None:
+        raise ValueError(f"quantization int8 calibrates on one of {', '.join(CALIBRATION_TEXTS)}; none is "
+                         "here: use --quantization int8-fast, or --dtype float32 or bfloat16")
+    body = [t for t in tokenizer.encode(Path(path).read_text(encoding="utf-8")) if t != bos_id]
+    body = body[:_CALIBRATION_TOKENS]
+    lead = [] if bos_id is None else [bos_id]
+    step = min(_CALIBRATION_WINDOW, max_len) - len(lead)
+    return path, [lead + body[start:start + step] for start in range(0, len(body), step)]
 
 
 # Prompt rows projected to the vocabulary at once when scoring prompt tokens: bounds the logits' memory.
@@ -46,10 +75,11 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 grammar: GrammarCompiler | None = None) -> None:
+                 grammar: GrammarCompiler | None = None, tokenizer: Tokenizer | None = None) -> None:
         """`config` is resolved (`EngineConfig.resolved`): threads, context limit and pool size are set.
-        `grammar` gives structured-output requests their matchers."""
-        assert config.num_threads and config.max_model_len and config.num_kv_blocks, "the config is not resolved"
+        `grammar` gives structured-output requests their matchers; `tokenizer` reads the int8 method's
+        calibration text (needed with quantization int8)."""
+        assert config.model and config.num_threads and config.max_model_len and config.num_kv_blocks, "the config is not resolved"
         torch.set_num_threads(config.num_threads)
         self.num_threads = torch.get_num_threads()
         self.device = torch.device(config.device)
@@ -57,11 +87,20 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
-        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):
                 module.cos, module.sin = module.cos.float(), module.sin.float()
+        maxima = None
+        if config.quantization == "int8":
+            if tokenizer is None:
+                raise ValueError("quantization int8 needs the tokenizer for its calibration pass")
+            # NOTE: this mode's forward makes denormal floats (values below ~1e-38), which the CPU computes
+            # with microcode: a 512-token prefill took 17 s instead of 0.4 s until they are flushed to
+            # zero (process-wide; it changes no value above 1e-38). docs/benchmarks.md.
+            torch.set_flush_denormal(True)
+            maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
+        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima)
         self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window
@@ -71,6 +110,29 @@ class ModelRunner:
         pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", self.num_kv_blocks, self.block_size,
                     pool_bytes / 2**30, self.num_kv_blocks * self.block_size)
+
+    def _calibrate(self, tokenizer: Tokenizer, bos_id: int | None, max_len: int,
+                   model_path: str) -> dict[str, torch.Tensor]:
+        """The unquantized model's per-channel activation maxima over the calibration text (int8's smoothing),
+        cached on disk by the model's fingerprint and the calibration tokens (the pass takes seconds)."""
+        started = time.perf_counter()
+        path, windows = calibration_windows(tokenizer, bos_id, max_len)
+        digest = hashlib.sha256(f"{_CALIBRATION_FORMAT} {self.dtype} {windows}".encode())
+        model = Path(model_path)
+        for file in [model] if model.is_file() else sorted(model.glob("*")):
+            digest.update(file_fingerprint(file).encode() if file.is_file() else b"")
+        cached = cache_dir() / "calibration" / f"{digest.hexdigest()[:32]}.safetensors"
+        if cached.exists():
+            maxima = load_file(str(cached))
+            logger.info("int8 calibration: cached maxima of %s (%s)", path, cached)
+            return maxima
+        maxima = activation_maxima(self.model, windows, self.block_size)
+        partial = atomic_write_path(cached)
+        save_file(maxima, str(partial))
+        partial.replace(cached)
+        logger.info("int8 calibration: %d tokens of %s in %.1f s (cached)", sum(map(len, windows)), path,
+                    time.perf_counter() - started)
+        return maxima
 
     def update_states(self, output: SchedulerOutput) -> None:
         """Apply a step's deltas to the runner's own request states. `execute` does this first; the engine

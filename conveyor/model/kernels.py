@@ -81,12 +81,13 @@ def choose_linear_kernel(requested: str, device: torch.device, dtype: torch.dtyp
 
 
 def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | None, device: torch.device,
-                        dtype: torch.dtype) -> str:
+                        dtype: torch.dtype, maxima: dict[str, torch.Tensor] | None = None) -> str:
     """Choose the linear kernel for this machine (and precision), swap the model's linear layers to it
-    (quantizing them first in a quantized mode), log the choice; returns the kernel's name."""
+    (quantizing them first in a quantized mode; `maxima` as `quantize_linears` takes them), log the
+    choice; returns the kernel's name."""
     kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
     if quantization is not None:
-        swapped = quantize_linears(model, quantization, kernel)
+        swapped = quantize_linears(model, quantization, kernel, maxima)
     else:
         swapped = swap_linears(model, OneDNNLinear) if kernel == "onednn" else 0
     precision = quantization or str(dtype).removeprefix("torch.")

@@ -1,13 +1,20 @@
-"""Opt-in int8 compute for the linear layers (`EngineConfig.quantization = "int8"`).
+"""int8 compute for the linear layers (`EngineConfig.quantization`): two methods.
 
-Weights are rounded to int8 once, with one scale per output channel; activations are rounded to int8
-on every call, with one scale per token (row), so a token with large activations does not cost the
-others their precision. The matmul runs in integers (int32 accumulation, exact) and the two scales are
-applied to its result: `torch._int_mm` is the reference kernel; on a CPU where oneDNN runs,
-`OneDNNInt8Linear` does the same integer products through oneDNN's int8 linear with the weight
-prepacked once, which measured faster (docs/benchmarks.md, "oneDNN prepacked linear layers"). It is faster than fp32 on a CPU with AVX-512 VNNI
-(docs/benchmarks.md), at the price of a small drift from the fp32 logits (measured against transformers
-in docs/configuration.md). Embedding lookups, norms and attention stay in the model dtype.
+`int8-fast`: every linear layer in int8. Weights are rounded to int8 once, with one scale per output
+channel; activations are rounded to int8 on every call, with one scale per token (row), so a token with
+large activations does not cost the others their precision. The matmul runs in integers (int32
+accumulation, exact) and the two scales are applied to its result: `torch._int_mm` is the reference
+kernel; on a CPU where oneDNN runs, `OneDNNInt8Linear` does the same integer products through oneDNN's
+int8 linear with the weight prepacked once. Fastest, but its next-token distributions drift from the
+exact model's ~8x more than llama.cpp's Q4_K_M compute does (docs/benchmarks.md, "Quality").
+
+`int8`: int8 where rounding is cheap, SmoothQuant-smoothed (q/k/v, o, gate/up), and bf16 (fp32 where
+bf16 is slow) in the two layers whose inputs rounding hurts most: down_proj (heavy-tailed gelu(gate) *
+up) and the lm_head. The smoothing factors come from the activations' per-channel maxima over a short
+calibration pass at load (`activation_maxima`, on an OS-shipped English text). Within llama.cpp's
+Q4_K_M error on the same tokens (docs/benchmarks.md, "A better int8 mode").
+
+Embedding lookups, norms and attention stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -15,11 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conveyor.config import QUANTIZATION_METHODS
-from conveyor.model.layers import swap_linears
+from conveyor.config import QUANTIZATION_METHODS, cpu_flags
+from conveyor.model.attention import SequenceSpan, build_attention_metadata
+from conveyor.model.layers import linear, swap_linears
 
 # oneDNN's int8 linear takes unsigned activations: int8 values shifted by this, undone by its zero point.
 _UINT8_SHIFT = 128
+# The int8 method: SmoothQuant's migration strength, and the layers it keeps out of int8 (docs/benchmarks.md).
+SMOOTHING_ALPHA = 0.5
+_HIGH_PRECISION_LAYERS = ("down_proj", "lm_head")
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +105,109 @@ class OneDNNInt8Linear(Int8Linear):
         return out.mul_(row_scale)
 
 
-def quantize_linears(model: nn.Module, method: str, kernel: str = "torch") -> int:
+class HighPrecisionLinear(nn.Module):
+    """A linear layer of the `int8` method that rounding would hurt, run in `dtype` (bf16, or fp32 where
+    bf16 is slow) inside an fp32 model: the input is cast to `dtype` and the output back.
+
+    The "onednn" kernel prepacks the weight like `conveyor.model.kernels.OneDNNLinear`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = dtype
+        weight = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight) if kernel == "onednn" else None
+        if self.packed_weight is None:
+            self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.packed_weight is None:
+            out = linear(rows, self.weight, self.bias)
+        elif rows.shape[0] == 0:  # oneDNN refuses an empty input
+            out = rows.new_empty(0, self.out_features)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.compute_dtype}"
+
+
+@torch.inference_mode()
+def activation_maxima(model: nn.Module, windows: list[list[int]], block_size: int = 16) -> dict[str, torch.Tensor]:
+    """Each linear layer's largest |input| per input channel over `windows` of token ids, each run as one
+    prefill through the (unquantized) model: {module name: fp32 [in_features]}. The lm_head is not run."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()
+            maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        device = next(model.parameters()).device
+        num_blocks = -(-max(len(ids) for ids in windows) // block_size)
+        dtype = next(model.parameters()).dtype
+        kv_caches = model.allocate_kv_cache(num_blocks + 1, block_size, dtype, device)  # type: ignore[operator]
+        for ids in windows:
+            span = SequenceSpan(0, 0, len(ids), list(range(1, -(-len(ids) // block_size) + 1)))
+            meta = build_attention_metadata([span], block_size, model.config.sliding_window, device)  # type: ignore[union-attr]
+            positions = torch.arange(len(ids), device=device)
+            model.hidden_states(torch.tensor(ids, device=device), positions, kv_caches, meta)  # type: ignore[operator]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def smoothing_factors(weight: torch.Tensor, activation_max: torch.Tensor, alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors, max|X_j|^alpha / max|W_j|^(1 - alpha): alpha 0.5 splits each
+    channel's range evenly between the activations (divided by it) and the weight's column (multiplied)."""
+    weight_max = weight.detach().float().abs().amax(dim=0).clamp_min(1e-5)
+    return (activation_max.float().clamp_min(1e-5) ** alpha / weight_max ** (1 - alpha)).clamp_min(1e-5)
+
+
+def high_precision_dtype() -> torch.dtype:
+    """bf16 where the CPU runs it natively (AVX-512 BF16 or AMX), else fp32: emulated bf16 is slower."""
+    return torch.bfloat16 if not {"avx512_bf16", "amx_bf16"}.isdisjoint(cpu_flags()) else torch.float32
+
+
+def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
+                     maxima: dict[str, torch.Tensor] | None = None) -> int:
     """Swap every nn.Linear in `model` for its quantized form, in place; returns how many were swapped.
 
     `kernel` "onednn" takes oneDNN's int8 linear, "torch" `torch._int_mm`. A model whose lm_head is tied
-    to the embedding gets its own quantized lm_head (the embedding keeps its full-precision table for
-    lookups).
+    to the embedding gets its own lm_head (the embedding keeps its full-precision table for lookups).
+    `method` "int8" needs `maxima` (`activation_maxima` of the unquantized model) for its smoothing.
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
-    return swap_linears(model, OneDNNInt8Linear if kernel == "onednn" else Int8Linear)
+    int8_linear = OneDNNInt8Linear if kernel == "onednn" else Int8Linear
+    if method == "int8-fast":
+        return swap_linears(model, int8_linear)
+    if maxima is None:
+        raise ValueError("quantization int8 needs the activation maxima of a calibration pass")
+    precise = high_precision_dtype()
+    swapped = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            if name in _HIGH_PRECISION_LAYERS:
+                layer: nn.Module = HighPrecisionLinear(child.weight, child.bias, precise, kernel)
+            else:
+                layer = int8_linear(child.weight, child.bias, smoothing_factors(child.weight, maxima[full_name]))
+            setattr(parent, name, layer)
+            swapped += 1
+    embed = getattr(model, "embed_tokens", None)
+    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
+        model.lm_head = HighPrecisionLinear(embed.weight, None, precise, kernel)  # type: ignore[assignment]
+        swapped += 1
+    return swapped
