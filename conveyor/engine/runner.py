@@ -20,6 +20,7 @@ from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.kernels import apply_linear_kernel
+from conveyor.model.paged_decode import apply_attention_kernel
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
 
@@ -58,6 +59,7 @@ class ModelRunner:
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype)
+        apply_attention_kernel(self.model, config.attention_kernel, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):
