@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # A decode attention kernel reading the paged cache in place (conveyor.model.paged_decode):
 # (q [D, Hq, Dh], k_cache, v_cache, DecodeGroup.blocks, DecodeGroup.key_bounds, scale) -> [D, Hq, Dh].
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
