@@ -12,7 +12,7 @@ import torch
 from conveyor import LLM, SamplingParams
 from conveyor.config import EngineConfig
 from conveyor.model import paged_decode
-from conveyor.model.attention import PagedAttention, SequenceSpan, build_attention_metadata
+from conveyor.model.attention import DecodeKernel, PagedAttention, SequenceSpan, build_attention_metadata
 from conveyor.model.paged_decode import apply_attention_kernel, choose_attention_kernel, load_decode_kernel
 from tests.conftest import TINY_ARCHITECTURES
 
@@ -37,10 +37,10 @@ def _step(lengths: list[int], block_size: int, num_blocks: int, shared_prefix_bl
     return spans
 
 
-def _attend(attention: PagedAttention, kernel: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _attend(attention: PagedAttention, kernel: DecodeKernel | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             k_cache: torch.Tensor, v_cache: torch.Tensor, spans: list[SequenceSpan], block_size: int,
             window: int | None) -> torch.Tensor:
-    attention.decode_kernel = kernel  # type: ignore[assignment]
+    attention.decode_kernel = kernel
     meta = build_attention_metadata(spans, block_size, window, CPU)
     return attention(q, k, v, k_cache.clone(), v_cache.clone(), meta)
 
