@@ -149,3 +149,26 @@ def test_engine_on_the_kernel_matches_the_torch_path(tiny_model_dirs: dict[str, 
         for ref_top, our_top in zip(ref.logprobs, got.logprobs):
             for token, logprob in ref_top.items():
                 assert abs(our_top[token].logprob - logprob.logprob) < 1e-4
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantization": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+def test_the_default_model_decodes_the_same_on_the_kernel(precision: dict[str, str]) -> None:
+    """Real text, many rows decoding at once: ids equal, logprobs within each precision's noise."""
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village",
+               "List three prime numbers:"] * 4
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    results = {kernel: LLM(attention_kernel=kernel, **precision).generate(prompts, params)
+               for kernel in ("torch", "cpp")}
+    tolerance = 1e-3 if precision == {"dtype": "float32"} else 0.1
+    for reference, ours in zip(results["torch"], results["cpp"]):
+        ref, got = reference.outputs[0], ours.outputs[0]
+        assert ref.logprobs is not None and got.logprobs is not None
+        # Compare until the first near-tie flips (then the texts may part, as in every precision change).
+        for ref_token, our_token, ref_top, our_top in zip(ref.token_ids, got.token_ids, ref.logprobs, got.logprobs):
+            assert abs(our_top[our_token].logprob - ref_top[ref_token].logprob) < tolerance
+            if our_token != ref_token:
+                assert abs(ref_top[ref_token].logprob - our_top[our_token].logprob) < tolerance
+                break
