@@ -151,24 +151,27 @@ def test_engine_on_the_kernel_matches_the_torch_path(tiny_model_dirs: dict[str, 
                 assert abs(our_top[token].logprob - logprob.logprob) < 1e-4
 
 
+_PRECISIONS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}
+
+
 @needs_kernel
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantization": "int8"}],
-                         ids=["fp32", "bf16", "int8"])
-def test_the_default_model_decodes_the_same_on_the_kernel(precision: dict[str, str]) -> None:
-    """Real text, many rows decoding at once: ids equal, logprobs within each precision's noise."""
+@pytest.mark.parametrize("precision", list(_PRECISIONS))
+def test_the_default_model_decodes_the_same_on_the_kernel(precision: str) -> None:
+    """Real text, 16 rows decoding at once: the same ids in fp32, logprobs within each precision's noise."""
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village",
                "List three prime numbers:"] * 4
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
-    results = {kernel: LLM(attention_kernel=kernel, **precision).generate(prompts, params)
+    results = {kernel: LLM(attention_kernel=kernel, **_PRECISIONS[precision]).generate(prompts, params)
                for kernel in ("torch", "cpp")}
-    tolerance = 1e-3 if precision == {"dtype": "float32"} else 0.1
+    # fp32: summation order only. bf16 rounds every activation; the int8 mode re-quantizes them at every
+    # linear, so a last-bit difference can move a rounding step (its own error from fp32 is larger still).
+    tolerance = {"fp32": 1e-3, "bf16": 0.1, "int8": 0.25}[precision]
     for reference, ours in zip(results["torch"], results["cpp"]):
         ref, got = reference.outputs[0], ours.outputs[0]
         assert ref.logprobs is not None and got.logprobs is not None
-        # Compare until the first near-tie flips (then the texts may part, as in every precision change).
         for ref_token, our_token, ref_top, our_top in zip(ref.token_ids, got.token_ids, ref.logprobs, got.logprobs):
             assert abs(our_top[our_token].logprob - ref_top[ref_token].logprob) < tolerance
-            if our_token != ref_token:
-                assert abs(ref_top[ref_token].logprob - our_top[our_token].logprob) < tolerance
+            if our_token != ref_token:  # a near-tie flipped: the texts part from here, as in any precision change
+                assert precision != "fp32"
                 break
