@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 QUANTIZATION_METHODS = ("int8", "int8-fast")  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
+ATTENTION_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.attention_kernel` accepts (conveyor.model.paged_decode)
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
@@ -157,6 +158,10 @@ class EngineConfig:
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs), torch (the reference path), or auto (onednn where it "
                                        "can run, else torch)", choices=LINEAR_KERNELS)
+    attention_kernel: str = _knob("auto", "what runs decode attention: cpp (a C++ kernel reading the paged KV "
+                                          "cache in place, compiled at first use), torch (the reference path: "
+                                          "gather, then SDPA), or auto (cpp where it builds, else torch)",
+                                  choices=ATTENTION_KERNELS)
     chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
     generation_config: str = _knob("auto", "sampling defaults for the fields a request leaves unset: auto (the "
                                            "model's generation_config.json, or a GGUF's general.sampling.* keys), "
@@ -182,6 +187,9 @@ class EngineConfig:
                              f"got {self.quantization!r}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                             f"got {self.attention_kernel!r}")
         parse_memory_size(self.kv_cache_memory)
 
     def precision(self) -> tuple[str, str | None, str]:

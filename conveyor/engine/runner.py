@@ -25,6 +25,7 @@ from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.kernels import apply_linear_kernel
+from conveyor.model.paged_decode import apply_attention_kernel
 from conveyor.model.quantization import activation_maxima
 from conveyor.model.registry import build_model
 from conveyor.outputs import Logprob
@@ -87,6 +88,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = build_model(model_config, config.max_model_len, weights)
         self.model.to(device=self.device, dtype=self.dtype).eval()
+        apply_attention_kernel(self.model, config.attention_kernel, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
         for module in self.model.modules():
             if hasattr(module, "cos"):

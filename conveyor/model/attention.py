@@ -12,11 +12,16 @@ not padded up to the step's longest; prefill chunks get the cache slots of their
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# A decode attention kernel reading the paged cache in place (conveyor.model.paged_decode):
+# (q [D, Hq, Dh], k_cache, v_cache, DecodeGroup.blocks, DecodeGroup.key_bounds, scale) -> [D, Hq, Dh].
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class DecodeGroup:
     token_indices: torch.Tensor  # [D] rows of the flat batch
     blocks: torch.Tensor  # [D, num_gathered_blocks] block ids per row (0 = padding)
     mask: torch.Tensor  # [D, 1, 1, num_gathered_blocks * block_size] bool
+    key_bounds: torch.Tensor  # [D, 2] each row's visible keys [first, end), counted from its first block's slot 0
 
 
 @dataclass
@@ -132,7 +138,8 @@ def _decode_group(spans: list[SequenceSpan], block_size: int, window: int | None
                      + torch.arange(num_gathered * block_size)[None, :])
     mask = (key_positions >= first_keys[:, None]) & (key_positions < lengths[:, None])
     rows = torch.tensor([span.query_start for span in spans], dtype=torch.long)
-    return DecodeGroup(rows.to(device), table.to(device), mask[:, None, None, :].to(device))
+    bounds = torch.stack([first_keys, lengths], dim=1) - torch.tensor(first_blocks)[:, None] * block_size
+    return DecodeGroup(rows.to(device), table.to(device), mask[:, None, None, :].to(device), bounds.to(device))
 
 
 def _prefill_chunk(span: SequenceSpan, block_size: int, window: int | None, device: torch.device) -> PrefillChunk:
@@ -166,6 +173,8 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        # The C++ kernel reading the blocks in place (conveyor.model.paged_decode), or None for torch's path.
+        self.decode_kernel: DecodeKernel | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -186,6 +195,8 @@ class PagedAttention(nn.Module):
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+        if self.decode_kernel is not None:
+            return self.decode_kernel(q.contiguous(), k_cache, v_cache, group.blocks, group.key_bounds, self.scale)
         num_decodes = q.shape[0]
         # NOTE: index_select, not advanced indexing: on CPU it is an order of magnitude faster here.
         blocks = group.blocks.flatten()
