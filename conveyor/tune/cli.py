@@ -84,7 +84,7 @@ def _tune(args: argparse.Namespace) -> int:
         validation = validate(args, base, workload, tuner, evaluations[:args.validate_top], default_evaluation,
                               fixed_rate)
     write_outputs(Path(args.output_dir), base, evaluations, grid_evaluations, default_evaluation, validation,
-                  profile.to_dict(), slo, workload.rate_unit, fixed_rate is not None)
+                  {**profile.to_dict(), "steps": None}, slo, workload.rate_unit, fixed_rate is not None)
     print(f"conveyor tune took {time.perf_counter() - started:.0f} s")
     return 0
 
