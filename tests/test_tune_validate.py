@@ -11,7 +11,7 @@ from conveyor.bench.serve import RequestResult
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
 from conveyor.tune.cost_model import ServerOverhead
-from conveyor.tune.overhead import Burst, fit_overhead
+from conveyor.tune.overhead import Burst, burst_row, fit_overhead
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -119,7 +119,7 @@ def test_the_tuner_applies_the_server_overhead() -> None:
 
 
 def test_the_overhead_fit_recovers_a_known_factor_and_delay() -> None:
-    # Simulated: TTFT and ITLs per request; measured: steps 1.25x slower and 80 ms more per request.
+    # Measured: steps 1.25x their simulated time, and 80 ms more per request before its first token.
     bursts = (Burst(1, 32, 4), Burst(1, 256, 4), Burst(4, 64, 4))
     simulated = [[(0.1, [0.05, 0.05, 0.05])], [(0.4, [0.06, 0.05, 0.05])],
                  [(0.3 + 0.01 * i, [0.08, 0.08, 0.09]) for i in range(4)]]
@@ -127,7 +127,19 @@ def test_the_overhead_fit_recovers_a_known_factor_and_delay() -> None:
     def real(ttft: float, itls: list[float]) -> RequestResult:
         return RequestResult(32, 4, True, 4, 1.25 * ttft + 0.08, 0.0, [1.25 * itl for itl in itls])
 
-    measured = [[real(ttft, itls) for ttft, itls in burst] for burst in simulated]
-    overhead = fit_overhead(bursts, measured, simulated)
+    rows = [burst_row(burst, [real(*request) for request in sim], sim) for burst, sim in zip(bursts, simulated)]
+    overhead = fit_overhead(rows)
     assert overhead.step_factor == pytest.approx(1.25) and overhead.request_seconds == pytest.approx(0.08)
     assert [row["requests"] for row in overhead.details["bursts"]] == [1, 1, 4]
+
+
+def test_the_step_factor_weighs_every_token_so_loaded_bursts_dominate() -> None:
+    # A lone request streams 3 tokens 1.5x slower than simulated (an idle server waking up each step); 16
+    # rows stream 48 tokens as simulated: the factor is the tokens' total, near 1, not the median burst's.
+    rows = [{"requests": 1, "prompt_len": 32, "max_tokens": 4, "itl_measured": 0.075, "itl_simulated": 0.05,
+             "ttft_measured": 0.2, "ttft_simulated": 0.1}] * 2 + [
+            {"requests": 16, "prompt_len": 64, "max_tokens": 4, "itl_measured": 0.1, "itl_simulated": 0.1,
+             "ttft_measured": 1.4, "ttft_simulated": 1.4}]
+    overhead = fit_overhead(rows)
+    assert overhead.step_factor == pytest.approx((6 * 0.075 + 48 * 0.1) / (6 * 0.05 + 48 * 0.1))
+    assert overhead.request_seconds == pytest.approx(0.2 - overhead.step_factor * 0.1)

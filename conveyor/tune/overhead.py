@@ -58,31 +58,35 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
             measured = [asyncio.run(_send(base_url, burst_prompts, burst.max_tokens))
                         for burst, burst_prompts in zip(bursts, prompts)]
     resolved = config.resolved(model_path, model)
-    simulated = [simulate(resolved, cost_model.step_seconds,
-                          [SimRequest(str(i), 0.0, prompt, burst.max_tokens) for i, prompt in enumerate(burst_prompts)])
-                 for burst, burst_prompts in zip(bursts, prompts)]
-    return fit_overhead(bursts, measured, [[(r.ttft, r.itls) for r in sorted(run.results, key=lambda r: int(
-        r.request.request_id))] for run in simulated])
+    rows = []
+    for burst, burst_prompts, real in zip(bursts, prompts, measured):
+        run = simulate(resolved, cost_model.step_seconds, [SimRequest(str(i), 0.0, prompt, burst.max_tokens)
+                                                            for i, prompt in enumerate(burst_prompts)])
+        rows.append(burst_row(burst, real, [(r.ttft, r.itls) for r in run.results]))
+    return fit_overhead(rows)
 
 
-def fit_overhead(bursts: tuple[Burst, ...], measured: list[list[RequestResult]],
-                 simulated: list[list[tuple[float, list[float]]]]) -> ServerOverhead:
-    """The step factor: the median over bursts of measured over simulated median ITL. The per-request
-    overhead: the median over lone requests of measured TTFT minus the scaled simulated TTFT (never below 0)."""
-    ratios, rows = [], []
-    for burst, real, sim in zip(bursts, measured, simulated):
-        real_itl = float(np.median([itl for r in real for itl in r.itls]))
-        sim_itl = float(np.median([itl for _, itls in sim for itl in itls]))
-        ratios.append(real_itl / sim_itl)
-        rows.append({"requests": burst.requests, "prompt_len": burst.prompt_len, "itl_measured": real_itl,
-                     "itl_simulated": sim_itl, "ttft_measured": float(np.median([r.ttft for r in real])),
-                     "ttft_simulated": float(np.median([ttft for ttft, _ in sim]))})
-    factor = float(np.median(ratios))
-    lone = [r.ttft - factor * ttft for burst, real, sim in zip(bursts, measured, simulated) if burst.requests == 1
-            for r, (ttft, _) in zip(real, sim)]
+def burst_row(burst: Burst, measured: list[RequestResult], simulated: list[tuple[float, list[float]]]) -> dict:
+    """One burst's medians, measured and simulated (TTFT per request; ITL over every token)."""
+    return {"requests": burst.requests, "prompt_len": burst.prompt_len, "max_tokens": burst.max_tokens,
+            "itl_measured": float(np.median([itl for r in measured for itl in r.itls])),
+            "itl_simulated": float(np.median([itl for _, itls in simulated for itl in itls])),
+            "ttft_measured": float(np.median([r.ttft for r in measured])),
+            "ttft_simulated": float(np.median([ttft for ttft, _ in simulated]))}
+
+
+def fit_overhead(rows: list[dict]) -> ServerOverhead:
+    """The step factor: measured over simulated inter-token time, summed over every token of every burst
+    (so the bursts of many rows, a loaded server's regime, weigh most; a lone request's steps are also
+    slowed by an idle server waking up, which a loaded one does not pay). The per-request overhead: the
+    median over lone requests of measured TTFT minus the scaled simulated one (never below 0)."""
+    tokens = [row["requests"] * (row["max_tokens"] - 1) for row in rows]
+    factor = (sum(n * row["itl_measured"] for n, row in zip(tokens, rows))
+              / sum(n * row["itl_simulated"] for n, row in zip(tokens, rows)))
+    lone = [row["ttft_measured"] - factor * row["ttft_simulated"] for row in rows if row["requests"] == 1]
     request_seconds = max(0.0, float(np.median(lone))) if lone else 0.0
     logger.info("server overhead: steps x%.3f, %.1f ms per request", factor, 1000 * request_seconds)
-    return ServerOverhead(request_seconds, factor, {"bursts": rows})
+    return ServerOverhead(request_seconds, float(factor), {"bursts": rows})
 
 
 async def _send(base_url: str, prompts: list[list[int]], max_tokens: int) -> list[RequestResult]:
