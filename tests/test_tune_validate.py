@@ -17,6 +17,7 @@ from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
     beats_measured,
     ranking_report,
+    validate,
     validated_score,
     validation_rates,
 )
@@ -143,3 +144,11 @@ def test_the_step_factor_weighs_every_token_so_loaded_bursts_dominate() -> None:
     overhead = fit_overhead(rows)
     assert overhead.step_factor == pytest.approx((6 * 0.075 + 48 * 0.1) / (6 * 0.05 + 48 * 0.1))
     assert overhead.request_seconds == pytest.approx(0.2 - overhead.step_factor * 0.1)
+
+
+def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_run() -> None:
+    workload = w2_workload(w1_requests(seed=1, num_requests=4, max_output=16), burstiness=1.0, seed=1)
+    tuner = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(percentile=95))
+    with pytest.raises(SystemExit, match="use --slo-percentile 50, 90 or 99"):
+        validate(argparse.Namespace(workload="w2"), EngineConfig(), workload, tuner, [], Evaluation(DEFAULT, 0.0),
+                 None)

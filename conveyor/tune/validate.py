@@ -125,6 +125,9 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
     if args.workload == "trace":
         raise SystemExit("conveyor tune trace --validate: replaying a trace against a server is not supported yet; "
                          "validate with the w2 or w3 workload closest to it")
+    if tuner.slo.percentile not in (50, 90, 99):  # what `conveyor bench serve` measures
+        raise SystemExit(f"conveyor tune --validate: the bench reports p50, p90 and p99, not "
+                         f"p{tuner.slo.percentile:g}; use --slo-percentile 50, 90 or 99")
     candidates = list(dict.fromkeys([e.candidate for e in top] + [default.candidate]))
     rates = validation_rates(args, top, default, fixed_rate)
     rows = []
