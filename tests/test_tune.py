@@ -79,7 +79,7 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     result = _tune(tiny_model_dirs["llama"], tmp_path / "out", profile_dir, "--rate", "4",
                    "--validate", "--validate-top", "1")
     printed = capsys.readouterr().out
-    assert "predicted" in printed and "measured" in printed and "ranking by goodput" in printed
+    assert "predicted" in printed and "measured" in printed and "ranking (SLO met, then goodput)" in printed
     rows = result["validation"]["rows"]
     assert len(rows) == 2 and all(row["measured"]["completed"] == 6 for row in rows)
     assert "SLO met" in printed and all(isinstance(row["measured_meets_slo"], bool) for row in rows)
