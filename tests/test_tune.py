@@ -33,10 +33,16 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     assert min(profile.cost_model.coefficients) >= 0 and profile.held_out_error["steps"] >= 4
     assert set(profile.held_out_error) == {"mean", "p50", "p90", "max", "steps", "repeat_noise"}
     assert profile.held_out_error["repeat_noise"] > 0
+    # The server's overhead, measured against a real `conveyor serve`. The tiny model's ~10 ms steps are
+    # coarsely profiled, so only its sanity is checked: a positive factor of sane size, never minus.
+    overhead = profile.server_overhead
+    assert overhead is not None and 0.2 < overhead.step_factor < 5 and overhead.request_seconds >= 0
+    assert len(overhead.details["bursts"]) >= 3 and len(profile.steps) == profile.num_steps
     again, again_path, measured_again = load_or_profile(config, TINY_PLAN, tmp_path)
     assert (again_path, measured_again, again.cost_model) == (path, False, profile.cost_model)
-    other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path)
-    assert other[1] != path and other[2]
+    assert again.server_overhead == overhead
+    other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path, server_overhead=False)
+    assert other[1] != path and other[2] and other[0].server_overhead is None
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +79,10 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     result = _tune(tiny_model_dirs["llama"], tmp_path / "out", profile_dir, "--rate", "4",
                    "--validate", "--validate-top", "1")
     printed = capsys.readouterr().out
-    assert "predicted" in printed and "measured" in printed and "ranking by goodput" in printed
+    assert "predicted" in printed and "measured" in printed and "ranking (SLO met, then goodput)" in printed
     rows = result["validation"]["rows"]
     assert len(rows) == 2 and all(row["measured"]["completed"] == 6 for row in rows)
+    assert "SLO met" in printed and all(isinstance(row["measured_meets_slo"], bool) for row in rows)
     assert result["validation"]["recommended"] == result["recommended"]
 
 

@@ -49,17 +49,3 @@ def test_a_kv_pool_too_small_for_a_request_is_reported_not_raised() -> None:
     evaluation = _tuner(Slo()).evaluate(Candidate(8, 512, kv_cache_memory="1KiB"), 1.0)
     assert evaluation.max_rate == 0 and "the whole KV pool holds 16 tokens" in evaluation.error
     assert evaluation.shown is None
-
-
-def test_the_validated_ranking_counts_a_predicted_tie_as_matching() -> None:
-    from conveyor.tune.validate import ranking_report
-
-    small, large = Candidate(4, 256), Candidate(64, 1024)
-
-    def row(candidate: Candidate, predicted: float, measured: float) -> dict:
-        return {"rate": 1.0, "candidate": candidate.settings(), "predicted": {"goodput": predicted},
-                "measured": {"goodput": measured}}
-
-    assert "matches" in ranking_report([row(small, 0.16, 0.07), row(large, 0.16, 0.16)], [small, large])
-    assert "DIFFERS" in ranking_report([row(small, 0.20, 0.07), row(large, 0.16, 0.16)], [small, large])
-    assert "matches" in ranking_report([row(small, 0.10, 0.07), row(large, 0.16, 0.16)], [small, large])

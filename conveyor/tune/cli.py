@@ -43,9 +43,13 @@ def _tune(args: argparse.Namespace) -> int:
           f"{profile.seconds:.0f} s); step-time error on {error['steps']} held-out steps: mean "
           f"{100 * error['mean']:.1f}%, p50 {100 * error['p50']:.1f}%, p90 {100 * error['p90']:.1f}%; identical steps "
           f"differ by {100 * error.get('repeat_noise', 0.0):.1f}% on average", flush=True)
+    if profile.server_overhead:
+        print(f"server overhead (measured against conveyor serve): steps x{profile.server_overhead.step_factor:.3f}, "
+              f"{1000 * profile.server_overhead.request_seconds:.1f} ms per request", flush=True)
 
     workload = _workload(args, base)
-    tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo)
+    tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,
+                  profile.server_overhead)
     default = Candidate.of(base)
     fixed_rate = args.rate
 
@@ -77,10 +81,10 @@ def _tune(args: argparse.Namespace) -> int:
     if args.validate:
         from conveyor.tune.validate import validate
 
-        validation = validate(args, base, workload, tuner, [e.candidate for e in evaluations[:args.validate_top]],
-                              default, fixed_rate or evaluations[0].max_rate or hint)
+        validation = validate(args, base, workload, tuner, evaluations[:args.validate_top], default_evaluation,
+                              fixed_rate)
     write_outputs(Path(args.output_dir), base, evaluations, grid_evaluations, default_evaluation, validation,
-                  profile.to_dict(), slo, workload.rate_unit, fixed_rate is not None)
+                  {**profile.to_dict(), "steps": None}, slo, workload.rate_unit, fixed_rate is not None)
     print(f"conveyor tune took {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -132,7 +136,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     validate.add_argument("--validate", action="store_true")
     validate.add_argument("--validate-top", type=int, default=2, help="top candidates run beside the default")
     validate.add_argument("--validate-rates", type=float, nargs="+", default=None,
-                          help="loads to validate at (default: --rate, or the winner's highest sustainable rate)")
+                          help="loads to validate at (default: --rate, or 0.85x the winner's predicted highest "
+                          "sustainable rate, where it should meet the SLOs and a weaker default should not)")
     validate.add_argument("--validate-repeats", type=int, default=1, help="interleaved rounds")
     parser.add_argument("--output-dir", default="tune_results",
                         help="tuned.json (the winner as a --config file), tune.json and tune.html")

@@ -11,7 +11,7 @@ kind of layer (full context or sliding window).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -149,3 +149,21 @@ def relative_errors(model: CostModel, steps: Sequence[Sequence[RowShape]], secon
     predicted = np.array([model.step_seconds(rows) for rows in steps])
     actual = np.asarray(seconds, dtype=float)
     return np.abs(predicted - actual) / np.maximum(actual, 1e-9)
+
+
+@dataclass(frozen=True)
+class ServerOverhead:
+    """What `conveyor serve` adds to the engine's steps, measured once against a real server
+    (`tune/overhead.py`): the event loop (HTTP, detokenizing, streaming) shares the cores with the engine,
+    so each step takes `step_factor` times its in-process time, and each request spends `request_seconds`
+    outside the engine before its first token reaches the client (parsing, tokenizing, the hand-off to the
+    engine thread, the first chunk's way back). The defaults add nothing: an in-process engine."""
+
+    request_seconds: float = 0.0
+    step_factor: float = 1.0
+    details: dict | None = None  # the measurement behind the two figures, for the report
+
+    def scale(self, step_seconds: Callable[[Sequence[RowShape]], float]) -> Callable[[Sequence[RowShape]], float]:
+        if self.step_factor == 1.0:
+            return step_seconds
+        return lambda rows: self.step_factor * step_seconds(rows)

@@ -30,7 +30,14 @@ from conveyor.engine.engine import LLMEngine
 from conveyor.engine.request import Request
 from conveyor.model.loader import resolve_model_path
 from conveyor.sampling_params import SamplingParams
-from conveyor.tune.cost_model import AttentionShape, CostModel, RowShape, fit_cost_model, relative_errors
+from conveyor.tune.cost_model import (
+    AttentionShape,
+    CostModel,
+    RowShape,
+    ServerOverhead,
+    fit_cost_model,
+    relative_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +67,22 @@ class Profile:
     held_out_error: dict[str, float]  # relative error of step time on held-out steps: mean, p50, p90, max
     num_steps: int
     seconds: float  # how long profiling took
+    server_overhead: ServerOverhead | None = None  # measured against `conveyor serve`; None: not yet
+    # every calibration step as ([[start, num_new, samples], ...], seconds): to study or refit the model
+    steps: list | None = None
 
     def to_dict(self) -> dict:
+        overhead = asdict(self.server_overhead) if self.server_overhead else None
         return {"key": self.key, "model_config": asdict(self.model_config), "cost_model": self.cost_model.to_dict(),
-                "held_out_error": self.held_out_error, "num_steps": self.num_steps, "seconds": self.seconds}
+                "held_out_error": self.held_out_error, "num_steps": self.num_steps, "seconds": self.seconds,
+                "server_overhead": overhead, "steps": self.steps}
 
     @classmethod
     def from_dict(cls, data: dict) -> Profile:
+        overhead = data.get("server_overhead")
         return cls(data["key"], ModelConfig(**data["model_config"]), CostModel.from_dict(data["cost_model"]),
-                   data["held_out_error"], data["num_steps"], data["seconds"])
+                   data["held_out_error"], data["num_steps"], data["seconds"],
+                   ServerOverhead(**overhead) if overhead else None, data.get("steps"))
 
 
 def profile_key(config: EngineConfig) -> dict:
@@ -98,18 +112,31 @@ def profile_path(key: dict, directory: Path | None = None) -> Path:
 
 
 def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path | None = None,
-                    refresh: bool = False) -> tuple[Profile, Path, bool]:
+                    refresh: bool = False, server_overhead: bool = True) -> tuple[Profile, Path, bool]:
     """The cached profile for this model and machine, or a new one. Returns it, its path, and whether it was
-    measured now."""
+    measured now. With `server_overhead`, a profile without its server overhead gets it measured (a real
+    `conveyor serve` of `config`) and is saved again."""
+    from conveyor.tune.overhead import measure_server_overhead
+
     key = profile_key(config)
     path = profile_path(key, directory)
-    if path.exists() and not refresh:
-        return Profile.from_dict(json.loads(path.read_text())), path, False
-    profile = run_profile(config, plan, key)
+    measured = refresh or not path.exists()
+    profile = run_profile(config, plan, key) if measured else Profile.from_dict(json.loads(path.read_text()))
+    if server_overhead and profile.server_overhead is None:
+        started = time.perf_counter()
+        profile.server_overhead = measure_server_overhead(config, resolve_model_path(config.model),
+                                                          profile.model_config, profile.cost_model)
+        profile.seconds += time.perf_counter() - started
+    elif not measured:
+        return profile, path, False
+    _save(profile, path)
+    return profile, path, measured
+
+
+def _save(profile: Profile, path: Path) -> None:
     temporary = atomic_write_path(path)
     temporary.write_text(json.dumps(profile.to_dict(), indent=2))
     temporary.replace(path)
-    return profile, path, True
 
 
 def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profile:
@@ -136,7 +163,9 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
     summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
                "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
                "repeat_noise": calibration.repeat_noise()}
-    return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started)
+    recorded = [([[row.start, row.num_new, row.samples] for row in rows], seconds) for rows, seconds in steps]
+    return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started,
+                   steps=recorded)
 
 
 class _Calibration:

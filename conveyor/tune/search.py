@@ -18,7 +18,7 @@ import numpy as np
 
 from conveyor.bench.serve import RequestResult, ServeSettings, summarize
 from conveyor.config import EngineConfig, ModelConfig
-from conveyor.tune.cost_model import CostModel
+from conveyor.tune.cost_model import CostModel, ServerOverhead
 from conveyor.tune.simulator import SimRun, simulate
 from conveyor.tune.workloads import SimWorkload
 
@@ -45,6 +45,16 @@ class Slo:
                 and within([_tpot(r.e2e, r.ttft, len(r.token_times)) for r in results if len(r.token_times) > 1],
                            self.tpot)
                 and within([itl for r in results for itl in r.itls], self.itl))
+
+    def met_by_summary(self, summary: dict) -> bool:
+        """The same test on a run's summary (`conveyor bench serve`'s, measured or simulated), which holds
+        the p50, p90 and p99 of each latency; a run with failed requests misses."""
+        name = f"p{self.percentile:g}"
+        if name not in summary["ttft_s"]:
+            raise ValueError(f"a run's summary has no {name}: validate with --slo-percentile 50, 90 or 99")
+        return summary.get("failed", 0) == 0 and all(
+            limit is None or summary[key][name] <= limit
+            for key, limit in (("ttft_s", self.ttft), ("tpot_s", self.tpot), ("itl_s", self.itl)))
 
     def describe(self) -> str:
         parts = [f"{name} <= {limit * 1000:.0f} ms" for name, limit in
@@ -120,9 +130,11 @@ class Tuner:
     """Simulates candidates on one workload with one cost model; remembers every run."""
 
     def __init__(self, base: EngineConfig, model_path: str, model_config: ModelConfig, cost_model: CostModel,
-                 workload: SimWorkload, slo: Slo) -> None:
+                 workload: SimWorkload, slo: Slo, overhead: ServerOverhead | None = None) -> None:
         self.base, self.model_path, self.model_config = base, model_path, model_config
         self.cost_model, self.workload, self.slo = cost_model, workload, slo
+        self.overhead = overhead or ServerOverhead()  # NOTE: the default adds nothing (an in-process engine)
+        self._step_seconds = self.overhead.scale(cost_model.step_seconds)
         self.settings = ServeSettings(base_url="simulated", slo_ttft=slo.ttft or math.inf,
                                       slo_tpot=slo.tpot or math.inf)
         self.num_simulations = 0
@@ -133,7 +145,8 @@ class Tuner:
     def run(self, candidate: Candidate, rate: float) -> tuple[SimRun, dict]:
         """One simulated run and its benchmark summary. Raises ValueError for requests that cannot fit."""
         requests, follow_up = self.workload.build(rate)
-        run = simulate(self.resolved(candidate), self.cost_model.step_seconds, requests, follow_up)
+        run = simulate(self.resolved(candidate), self._step_seconds, requests, follow_up,
+                       admission_delay=self.overhead.request_seconds)
         self.num_simulations += 1
         return run, summarize_run(run, self.settings, self.workload.name)
 

@@ -90,15 +90,18 @@ def _quiet_scheduler() -> Iterator[None]:
 
 def simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]], float],
              requests: Sequence[SimRequest], follow_up: FollowUp | None = None,
-             max_steps: int = 2_000_000) -> SimRun:
+             max_steps: int = 2_000_000, admission_delay: float = 0.0) -> SimRun:
     """Run `requests` (plus any follow-ups) to completion. `config` must say num_kv_blocks and max_model_len
-    (`EngineConfig.resolved`). Raises ValueError, as the engine does, for a request that could never run."""
+    (`EngineConfig.resolved`). Raises ValueError, as the engine does, for a request that could never run.
+    A request reaches the scheduler `admission_delay` seconds after it arrives (a server's own time per
+    request, `ServerOverhead.request_seconds`); its TTFT and E2E still count from its arrival."""
     with _quiet_scheduler():
-        return _simulate(config, step_seconds, requests, follow_up, max_steps)
+        return _simulate(config, step_seconds, requests, follow_up, max_steps, admission_delay)
 
 
 def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]], float],
-              requests: Sequence[SimRequest], follow_up: FollowUp | None, max_steps: int) -> SimRun:
+              requests: Sequence[SimRequest], follow_up: FollowUp | None, max_steps: int,
+              admission_delay: float) -> SimRun:
     assert config.num_kv_blocks and config.max_model_len, "the config is not resolved"
     scheduler = Scheduler(config, config.num_kv_blocks, config.max_model_len)
     arrivals: list[tuple[float, int, SimRequest]] = []
@@ -106,7 +109,7 @@ def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]],
 
     def submit(request: SimRequest) -> None:
         nonlocal order
-        heapq.heappush(arrivals, (request.arrival_time, order, request))
+        heapq.heappush(arrivals, (request.arrival_time + admission_delay, order, request))
         order += 1
 
     for request in requests:
@@ -114,7 +117,7 @@ def _simulate(config: EngineConfig, step_seconds: Callable[[Sequence[RowShape]],
     results: dict[str, SimResult] = {}
     done: list[SimResult] = []
     clock = arrivals[0][0] if arrivals else 0.0
-    start, num_steps = clock, 0
+    start, num_steps = clock - admission_delay, 0  # the run starts when the first request is sent
     queries = hits = 0
     while arrivals or scheduler.has_unfinished_requests():
         while arrivals and arrivals[0][0] <= clock:

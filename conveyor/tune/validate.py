@@ -3,8 +3,10 @@
 Each run starts a fresh `conveyor serve --config` on 127.0.0.1 (a cold prefix cache, as in the simulator),
 warms it up with one short request, sends the workload with the `conveyor bench` clients at the given
 load, and stops the server. Candidates take turns within each round (interleaved), so a machine whose
-speed drifts during validation penalizes none of them in particular. The recommendation is the validated
-candidate with the most measured goodput, and the default unless a candidate beats it.
+speed drifts during validation penalizes none of them in particular. Each run is judged as the search
+judges a simulated one: did it meet every SLO at the percentile (measured by the client), and with how
+much goodput. The recommendation is the validated candidate that met the SLOs at the highest load (then:
+the most goodput), and the default unless a candidate beats it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,13 +33,15 @@ from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, run_serve_benchmark
 from conveyor.config import EngineConfig
 from conveyor.tune.report import config_file_values
-from conveyor.tune.search import Candidate, Tuner
+from conveyor.tune.search import Candidate, Evaluation, Tuner
 from conveyor.tune.workloads import SimWorkload
 
 SERVER_START_TIMEOUT = 600.0  # seconds; loading the default model on a busy 2-core machine can take minutes
 METRICS = (("TTFT p50", "ttft_s", "p50"), ("TTFT p99", "ttft_s", "p99"), ("TPOT p50", "tpot_s", "p50"),
            ("TPOT p99", "tpot_s", "p99"), ("ITL p99", "itl_s", "p99"), ("out tok/s", "output_throughput", None),
            ("goodput", "goodput", None))
+VALIDATE_BELOW_LIMIT = 0.85  # of the winner's predicted highest rate: at the limit itself p99 is a coin toss
+GOODPUT_MARGIN = 0.05  # two real runs of one configuration differ by a few percent in goodput
 
 
 def _value(summary: dict, key: str, percentile: str | None) -> float:
@@ -48,11 +54,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, rate: float,
-            settings: ServeSettings, work_dir: Path) -> dict:
-    """One real run of the workload at `rate` against a fresh server configured as `candidate`."""
+@contextmanager
+def serving(config_values: dict, work_dir: Path) -> Iterator[str]:
+    """A fresh `conveyor serve --config` on 127.0.0.1 and a free port, warmed up; yields its base URL."""
     config_path = work_dir / "candidate.json"
-    config_path.write_text(json.dumps(config_file_values(base, candidate)))
+    config_path.write_text(json.dumps(config_values))
     port = _free_port()
     log_path = work_dir / "server.log"
     command = [sys.executable, "-m", "conveyor.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
@@ -64,11 +70,7 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
         _wait_until_healthy(server, base_url, log_path)
         httpx.post(f"{base_url}/v1/completions", timeout=120.0,  # first calls pay one-off costs: not measured
                    json={"prompt": [1, 5, 6, 7], "max_tokens": 4, "ignore_eos": True})
-        run_settings = ServeSettings(base_url=base_url, request_rate=rate, burstiness=getattr(args, "burstiness", 1.0),
-                                     seed=args.seed, slo_ttft=settings.slo_ttft, slo_tpot=settings.slo_tpot)
-        if args.workload == "w2":
-            return asyncio.run(run_serve_benchmark(workload_from_args(args), run_settings))
-        return asyncio.run(run_chat_benchmark(conversations_from_args(args, rate), run_settings))
+        yield base_url
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -76,6 +78,17 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, rate: float,
+            settings: ServeSettings, work_dir: Path) -> dict:
+    """One real run of the workload at `rate` against a fresh server configured as `candidate`."""
+    with serving(config_file_values(base, candidate), work_dir) as base_url:
+        run_settings = ServeSettings(base_url=base_url, request_rate=rate, burstiness=getattr(args, "burstiness", 1.0),
+                                     seed=args.seed, slo_ttft=settings.slo_ttft, slo_tpot=settings.slo_tpot)
+        if args.workload == "w2":
+            return asyncio.run(run_serve_benchmark(workload_from_args(args), run_settings))
+        return asyncio.run(run_chat_benchmark(conversations_from_args(args, rate), run_settings))
 
 
 def _wait_until_healthy(server: subprocess.Popen, base_url: str, log_path: Path) -> None:
@@ -92,14 +105,31 @@ def _wait_until_healthy(server: subprocess.Popen, base_url: str, log_path: Path)
     raise RuntimeError(f"conveyor serve did not start in {SERVER_START_TIMEOUT:.0f} s")
 
 
+def validation_rates(args: argparse.Namespace, top: list[Evaluation], default: Evaluation,
+                     fixed_rate: float | None) -> list[float]:
+    """`--validate-rates`; else `--rate`; else the rate that decides the search's claim: a little below the
+    winner's predicted highest sustainable rate, where it should meet the SLOs and a candidate predicted to
+    sustain less (the default, when the winner beats it) should not."""
+    if args.validate_rates:
+        return list(args.validate_rates)
+    if fixed_rate is not None:
+        return [fixed_rate]
+    winner = top[0] if top and top[0].max_rate else default
+    return [round(VALIDATE_BELOW_LIMIT * (winner.max_rate or args.rate_hint), 3)]
+
+
 def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload, tuner: Tuner,
-             top: list[Candidate], default: Candidate, rate: float) -> dict:
-    """Predicted and measured figures of the top candidates and the default, and the recommendation."""
+             top: list[Evaluation], default: Evaluation, fixed_rate: float | None) -> dict:
+    """Run the top candidates and the default for real, judge them as the search does (the highest load at
+    which each meets every SLO, then goodput), and recommend the best, or the default unless one beats it."""
     if args.workload == "trace":
         raise SystemExit("conveyor tune trace --validate: replaying a trace against a server is not supported yet; "
                          "validate with the w2 or w3 workload closest to it")
-    candidates = list(dict.fromkeys([*top, default]))
-    rates = args.validate_rates or [rate]
+    if tuner.slo.percentile not in (50, 90, 99):  # what `conveyor bench serve` measures
+        raise SystemExit(f"conveyor tune --validate: the bench reports p50, p90 and p99, not "
+                         f"p{tuner.slo.percentile:g}; use --slo-percentile 50, 90 or 99")
+    candidates = list(dict.fromkeys([e.candidate for e in top] + [default.candidate]))
+    rates = validation_rates(args, top, default, fixed_rate)
     rows = []
     with tempfile.TemporaryDirectory(prefix="conveyor-tune-") as work_dir:
         for round_index in range(args.validate_repeats):
@@ -110,19 +140,47 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
                     _, predicted = tuner.run(candidate, load)
                     measured = measure(args, base, candidate, load, tuner.settings, Path(work_dir))
                     rows.append({"candidate": candidate.settings(), "rate": load, "round": round_index,
-                                 "predicted": predicted, "measured": measured})
+                                 "predicted": predicted, "measured": measured,
+                                 "predicted_meets_slo": tuner.slo.met_by_summary(predicted),
+                                 "measured_meets_slo": tuner.slo.met_by_summary(measured)})
                     print(format_comparison(rows[-1]), flush=True)
-    measured_goodput = {c: float(np.mean([r["measured"]["goodput"] for r in rows if r["candidate"] == c.settings()]))
-                        for c in candidates}
-    best = max(top, key=lambda c: measured_goodput[c], default=default)
-    if measured_goodput[best] > measured_goodput[default]:
-        recommended, reason = best, (f"validated: measured goodput {measured_goodput[best]:.2f} against the "
-                                     f"default's {measured_goodput[default]:.2f}")
+    scores = {c: validated_score(rows, c.settings(), "measured") for c in candidates}
+    default_score = scores[default.candidate]
+    best = max(candidates, key=lambda c: scores[c])
+    if best != default.candidate and beats_measured(scores[best], default_score):
+        recommended, reason = best, f"validated: {describe_score(scores[best])}, the default {describe_score(default_score)}"
     else:
-        recommended, reason = default, (f"no validated candidate measured more goodput than the default "
-                                        f"({measured_goodput[default]:.2f}); keeping the default")
+        recommended, reason = default.candidate, (f"no validated candidate measured better than the default "
+                                                  f"({describe_score(default_score)}); keeping the default")
     print(ranking_report(rows, candidates))
-    return {"rows": rows, "rates": rates, "recommended": recommended.settings(), "reason": reason}
+    return {"rows": rows, "rates": rates, "slo": tuner.slo.describe(), "recommended": recommended.settings(),
+            "reason": reason, "scores": [{"candidate": c.settings(), "measured": scores[c],
+                                          "predicted": validated_score(rows, c.settings(), "predicted")}
+                                         for c in candidates]}
+
+
+def validated_score(rows: list[dict], settings: dict, side: str) -> tuple[float, float]:
+    """As the search scores a candidate, over the validated loads: (the highest load at which the run met
+    every SLO in every round, 0 if none; the mean goodput per request at that load, else at the lowest)."""
+    mine = [r for r in rows if r["candidate"] == settings]
+    loads = sorted({r["rate"] for r in mine})
+    met = [load for load in loads if all(r[f"{side}_meets_slo"] for r in mine if r["rate"] == load)]
+    at = met[-1] if met else loads[0]
+    return (met[-1] if met else 0.0, float(np.mean([r[side]["goodput"] for r in mine if r["rate"] == at])))
+
+
+def beats_measured(challenger: tuple[float, float], default: tuple[float, float]) -> bool:
+    """A higher load meeting the SLOs; or the same load (met) with goodput higher by more than the noise
+    of two real runs (`GOODPUT_MARGIN`)."""
+    if challenger[0] != default[0]:
+        return challenger[0] > default[0]
+    return challenger[0] > 0 and challenger[1] > (1 + GOODPUT_MARGIN) * default[1]
+
+
+def describe_score(score: tuple[float, float]) -> str:
+    if not score[0]:
+        return f"met the SLOs at no validated load (goodput {score[1]:.2f}/s)"
+    return f"met the SLOs up to {score[0]:.3g}/s with goodput {score[1]:.2f}/s"
 
 
 def format_comparison(row: dict) -> str:
@@ -133,6 +191,9 @@ def format_comparison(row: dict) -> str:
         error = (predicted - measured) / measured if measured else math.nan
         scale = 1000 if key.endswith("_s") else 1
         lines.append(f"  {name:<10} {predicted * scale:10.1f} {measured * scale:10.1f} {100 * error:6.1f}%")
+    if "measured_meets_slo" in row:
+        lines.append(f"  {'SLO met':<10} {'yes' if row['predicted_meets_slo'] else 'no':>10} "
+                     f"{'yes' if row['measured_meets_slo'] else 'no':>10}")
     if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
@@ -140,22 +201,28 @@ def format_comparison(row: dict) -> str:
 
 
 def ranking_report(rows: list[dict], candidates: list[Candidate]) -> str:
-    """Per load: the candidates ranked by predicted and by measured goodput, and whether the orders agree."""
+    """Per load: the candidates ranked as the search ranks them (meeting every SLO first, then goodput),
+    predicted and measured, and whether the orders agree."""
     lines = []
     for load in sorted({row["rate"] for row in rows}):
-        def mean_goodput(candidate: Candidate, side: str, load: float = load) -> float:
-            return float(np.mean([r[side]["goodput"] for r in rows
-                                  if r["rate"] == load and r["candidate"] == candidate.settings()]))
+        def key(candidate: Candidate, side: str, load: float = load) -> tuple[bool, float]:
+            mine = [r for r in rows if r["rate"] == load and r["candidate"] == candidate.settings()]
+            return (all(r[f"{side}_meets_slo"] for r in mine), float(np.mean([r[side]["goodput"] for r in mine])))
 
-        predicted = sorted(candidates, key=lambda c: -mean_goodput(c, "predicted"))
-        measured = sorted(candidates, key=lambda c: -mean_goodput(c, "measured"))
-        # NOTE: candidates whose predictions are within 1% are a predicted tie, which any order matches.
-        agrees = all(mean_goodput(better, "predicted") >= 0.99 * mean_goodput(worse, "predicted")
-                     for better, worse in zip(measured, measured[1:]))
-        lines.append(f"at {load:.3g}: ranking by goodput {'matches' if agrees else 'DIFFERS'} (predicted ties "
-                     "match any order)")
+        predicted = sorted(candidates, key=lambda c: key(c, "predicted"), reverse=True)
+        measured = sorted(candidates, key=lambda c: key(c, "measured"), reverse=True)
+
+        def not_worse(better: Candidate, worse: Candidate) -> bool:
+            # NOTE: candidates whose predictions are within 1% are a predicted tie, which any order matches.
+            (meets_b, goodput_b), (meets_w, goodput_w) = key(better, "predicted"), key(worse, "predicted")
+            return meets_b > meets_w or (meets_b == meets_w and goodput_b >= 0.99 * goodput_w)
+
+        agrees = all(not_worse(better, worse) for better, worse in zip(measured, measured[1:]))
+        lines.append(f"at {load:.3g}: ranking (SLO met, then goodput) {'matches' if agrees else 'DIFFERS'} "
+                     "(predicted ties match any order)")
         for place, candidate in enumerate(measured, 1):
-            lines.append(f"  {place}. {candidate.label()}  measured {mean_goodput(candidate, 'measured'):.2f}, "
-                         f"predicted {mean_goodput(candidate, 'predicted'):.2f} (predicted place "
-                         f"{predicted.index(candidate) + 1})")
+            (meets_m, goodput_m), (meets_p, goodput_p) = key(candidate, "measured"), key(candidate, "predicted")
+            lines.append(f"  {place}. {candidate.label()}  measured: SLO {'met' if meets_m else 'missed'}, goodput "
+                         f"{goodput_m:.2f}; predicted: SLO {'met' if meets_p else 'missed'}, goodput {goodput_p:.2f} "
+                         f"(predicted place {predicted.index(candidate) + 1})")
     return "\n".join(lines)

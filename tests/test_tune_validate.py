@@ -1,0 +1,154 @@
+"""Validation judges real runs as the search judges simulated ones, and the server-overhead term: its fit and
+its effect on the simulation."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from conveyor.bench.serve import RequestResult
+from conveyor.bench.workloads import w1_requests
+from conveyor.config import EngineConfig
+from conveyor.tune.cost_model import ServerOverhead
+from conveyor.tune.overhead import Burst, burst_row, fit_overhead
+from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
+from conveyor.tune.simulator import SimRequest, simulate
+from conveyor.tune.validate import (
+    beats_measured,
+    ranking_report,
+    validate,
+    validated_score,
+    validation_rates,
+)
+from conveyor.tune.workloads import w2_workload
+from tests.test_tune_search import COST, MODEL
+from tests.test_tune_simulator import _config, _ten_ms_plus_one_per_token
+
+SMALL, DEFAULT = Candidate(8, 128), Candidate(64, 1024)
+
+
+def _summary(ttft_p99: float, itl_p99: float, goodput: float, failed: int = 0) -> dict:
+    return {"ttft_s": {"p50": ttft_p99 / 2, "p90": ttft_p99, "p99": ttft_p99},
+            "tpot_s": {"p50": 0.1, "p90": 0.1, "p99": 0.1}, "itl_s": {"p50": 0.1, "p90": itl_p99, "p99": itl_p99},
+            "goodput": goodput, "failed": failed}
+
+
+SLO = Slo()  # p99 TTFT <= 2 s, p99 ITL <= 300 ms
+
+
+def _row(candidate: Candidate, rate: float, measured: dict, predicted: dict) -> dict:
+    return {"candidate": candidate.settings(), "rate": rate, "predicted": predicted, "measured": measured,
+            "predicted_meets_slo": SLO.met_by_summary(predicted), "measured_meets_slo": SLO.met_by_summary(measured)}
+
+
+def test_a_summary_meets_the_slo_exactly_when_the_simulated_run_does() -> None:
+    workload = w2_workload(w1_requests(seed=1, num_requests=16, max_output=32), burstiness=1.0, seed=1)
+    for slo in (Slo(ttft=1.0, itl=0.3), Slo(ttft=None, itl=0.1), Slo(ttft=0.6, itl=None, tpot=0.05, percentile=90)):
+        tuner = Tuner(EngineConfig(), "model", MODEL, COST, workload, slo)
+        verdicts = set()
+        for rate in (0.5, 2.0, 8.0):
+            run, summary = tuner.run(SMALL, rate)
+            assert slo.met_by_summary(summary) == slo.met_by(run)
+            verdicts.add(slo.met_by(run))
+        assert verdicts == {True, False}  # the rates straddle the limit: both answers are exercised
+    assert not Slo().met_by_summary(_summary(0.5, 0.1, 1.0, failed=1))  # a failed request misses
+    with pytest.raises(ValueError, match="--slo-percentile 50, 90 or 99"):
+        Slo(percentile=95).met_by_summary(_summary(0.5, 0.1, 1.0))
+
+
+def test_the_tuned_candidate_wins_where_it_meets_the_slo_and_the_default_does_not() -> None:
+    # At 0.4 req/s the default has more goodput per request (its ITL spikes do not count there) but misses
+    # the ITL SLO: the search's criterion prefers the small step budget, and so must validation.
+    rows = [_row(SMALL, 0.4, _summary(1.5, 0.28, 0.35), _summary(1.4, 0.27, 0.36)),
+            _row(DEFAULT, 0.4, _summary(1.2, 0.9, 0.39), _summary(1.1, 0.8, 0.39))]
+    small, default = validated_score(rows, SMALL.settings(), "measured"), validated_score(rows, DEFAULT.settings(),
+                                                                                           "measured")
+    assert small == (0.4, 0.35) and default == (0.0, 0.39)
+    assert beats_measured(small, default) and not beats_measured(default, small)
+    report = ranking_report(rows, [SMALL, DEFAULT])
+    assert "matches" in report and report.index("seqs   8") < report.index("seqs  64")
+
+
+def test_a_goodput_gain_within_the_noise_keeps_the_default() -> None:
+    rows = [_row(SMALL, 0.4, _summary(1.5, 0.2, 0.40), _summary(1.4, 0.2, 0.40)),
+            _row(DEFAULT, 0.4, _summary(1.2, 0.2, 0.39), _summary(1.1, 0.2, 0.40))]
+    small, default = validated_score(rows, SMALL.settings(), "measured"), validated_score(rows, DEFAULT.settings(),
+                                                                                           "measured")
+    assert small[0] == default[0] == 0.4 and not beats_measured(small, default)  # 2.6% more: noise
+    assert beats_measured((0.4, 0.45), default)  # 15% more: a gain
+    assert not beats_measured((0.0, 0.9), (0.0, 0.1))  # meeting the SLOs nowhere is no win, whatever the goodput
+
+
+def test_the_ranking_differs_when_the_measured_order_contradicts_the_prediction() -> None:
+    rows = [_row(SMALL, 0.4, _summary(1.5, 0.5, 0.35), _summary(1.4, 0.27, 0.36)),
+            _row(DEFAULT, 0.4, _summary(1.2, 0.2, 0.39), _summary(1.1, 0.8, 0.39))]
+    assert "DIFFERS" in ranking_report(rows, [SMALL, DEFAULT])
+
+
+def test_validation_runs_below_the_winners_predicted_limit_unless_told() -> None:
+    args = argparse.Namespace(validate_rates=None, rate_hint=1.0)
+    winner, default = Evaluation(SMALL, max_rate=0.48), Evaluation(DEFAULT, max_rate=0.17)
+    assert validation_rates(args, [winner], default, None) == [pytest.approx(0.408)]
+    assert validation_rates(args, [winner], default, 0.5) == [0.5]
+    assert validation_rates(argparse.Namespace(validate_rates=[0.5, 1.0], rate_hint=1.0), [winner], default,
+                            None) == [0.5, 1.0]
+
+
+def test_the_admission_delay_adds_to_ttft_and_delays_the_scheduler() -> None:
+    # Without delay: a (6 tokens) runs alone in step 1: 16 ms. b arrives at 10 ms: its 3 tokens in step 2.
+    requests = [SimRequest("a", 0.0, list(range(10, 16)), 1), SimRequest("b", 0.010, [20, 21, 22], 1)]
+    config = _config(max_num_batched_tokens=16, prefill_chunk_share=1)
+    plain = {r.request.request_id: r.ttft for r in simulate(config, _ten_ms_plus_one_per_token, requests).results}
+    assert plain == pytest.approx({"a": 0.016, "b": 0.006 + 0.013})
+    # With 20 ms: both reach the scheduler after their delay (a at 20 ms, b at 30 ms), a's step ends at 36
+    # ms, then b runs alone (13 ms): TTFTs count from the arrivals.
+    delayed = simulate(config, _ten_ms_plus_one_per_token, requests, admission_delay=0.020)
+    ttfts = {r.request.request_id: r.ttft for r in delayed.results}
+    assert ttfts == pytest.approx({"a": 0.036, "b": 0.036 + 0.013 - 0.010})
+    assert delayed.duration == pytest.approx(0.049)  # from the first request's arrival, not its admission
+
+
+def test_the_tuner_applies_the_server_overhead() -> None:
+    workload = w2_workload(w1_requests(seed=1, num_requests=8, max_output=16), burstiness=1.0, seed=1)
+    plain = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo())
+    served = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(), ServerOverhead(0.05, 1.2))
+    _, before = plain.run(SMALL, 0.1)  # a light load: no queueing, so each figure scales exactly
+    _, after = served.run(SMALL, 0.1)
+    assert after["itl_s"]["p50"] == pytest.approx(1.2 * before["itl_s"]["p50"])
+    assert after["ttft_s"]["p50"] == pytest.approx(1.2 * before["ttft_s"]["p50"] + 0.05, rel=1e-6)
+
+
+def test_the_overhead_fit_recovers_a_known_factor_and_delay() -> None:
+    # Measured: steps 1.25x their simulated time, and 80 ms more per request before its first token.
+    bursts = (Burst(1, 32, 4), Burst(1, 256, 4), Burst(4, 64, 4))
+    simulated = [[(0.1, [0.05, 0.05, 0.05])], [(0.4, [0.06, 0.05, 0.05])],
+                 [(0.3 + 0.01 * i, [0.08, 0.08, 0.09]) for i in range(4)]]
+
+    def real(ttft: float, itls: list[float]) -> RequestResult:
+        return RequestResult(32, 4, True, 4, 1.25 * ttft + 0.08, 0.0, [1.25 * itl for itl in itls])
+
+    rows = [burst_row(burst, [real(*request) for request in sim], sim) for burst, sim in zip(bursts, simulated)]
+    overhead = fit_overhead(rows)
+    assert overhead.step_factor == pytest.approx(1.25) and overhead.request_seconds == pytest.approx(0.08)
+    assert [row["requests"] for row in overhead.details["bursts"]] == [1, 1, 4]
+
+
+def test_the_step_factor_weighs_every_token_so_loaded_bursts_dominate() -> None:
+    # A lone request streams 3 tokens 1.5x slower than simulated (an idle server waking up each step); 16
+    # rows stream 48 tokens as simulated: the factor is the tokens' total, near 1, not the median burst's.
+    rows = [{"requests": 1, "prompt_len": 32, "max_tokens": 4, "itl_measured": 0.075, "itl_simulated": 0.05,
+             "ttft_measured": 0.2, "ttft_simulated": 0.1}] * 2 + [
+            {"requests": 16, "prompt_len": 64, "max_tokens": 4, "itl_measured": 0.1, "itl_simulated": 0.1,
+             "ttft_measured": 1.4, "ttft_simulated": 1.4}]
+    overhead = fit_overhead(rows)
+    assert overhead.step_factor == pytest.approx((6 * 0.075 + 48 * 0.1) / (6 * 0.05 + 48 * 0.1))
+    assert overhead.request_seconds == pytest.approx(0.2 - overhead.step_factor * 0.1)
+
+
+def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_run() -> None:
+    workload = w2_workload(w1_requests(seed=1, num_requests=4, max_output=16), burstiness=1.0, seed=1)
+    tuner = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(percentile=95))
+    with pytest.raises(SystemExit, match="use --slo-percentile 50, 90 or 99"):
+        validate(argparse.Namespace(workload="w2"), EngineConfig(), workload, tuner, [], Evaluation(DEFAULT, 0.0),
+                 None)
