@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.cli import main
 from conveyor.config import EngineConfig
-from conveyor.tune.profile import CalibrationPlan, load_or_profile
+from conveyor.tune.profile import CalibrationPlan, load_or_profile, profile_key
 from conveyor.workload_trace import read_trace
 from tests.server_utils import running_server
 
@@ -43,6 +43,17 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     assert again.server_overhead == overhead
     other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path, server_overhead=False)
     assert other[1] != path and other[2] and other[0].server_overhead is None
+
+
+def test_the_profile_key_names_the_precision_run_and_the_kernels(tiny_model_dirs) -> None:
+    """A profile taken on one kernel or precision must not be reused for another: the steps cost differently."""
+    config = EngineConfig(model=str(tiny_model_dirs["gemma3"]))
+    key = profile_key(config)
+    assert key["dtype"] == config.precision()[0] != "auto"
+    assert profile_key(dataclasses.replace(config, dtype="float32"))["dtype"] == "float32"
+    for field, value in (("attention_kernel", "torch"), ("linear_kernel", "torch"), ("dtype", "float32")):
+        changed = profile_key(dataclasses.replace(config, **{field: value}))
+        assert changed[field] == value and (changed != key or config.precision()[0] == "float32")
 
 
 @pytest.fixture(scope="module")

@@ -86,13 +86,16 @@ class Profile:
 
 
 def profile_key(config: EngineConfig) -> dict:
-    """What a profile is valid for: the model's content, dtype, quantization, threads and this machine."""
+    """What a profile is valid for: the model's content, the precision `--dtype auto` resolves to, the
+    kernels asked for (they change every step's cost), threads and this machine."""
     model_path = resolve_model_path(config.model)
+    dtype, quantization, _ = config.precision()
     model_file = Path(model_path)
     if model_file.is_dir():
         model_file = next(iter(sorted(model_file.glob("*.safetensors"))), model_file / "config.json")
     return {"model": Path(model_path).name, "model_fingerprint": file_fingerprint(model_file),
-            "dtype": config.dtype, "quantization": config.quantization,
+            "dtype": dtype, "quantization": quantization,
+            "linear_kernel": config.linear_kernel, "attention_kernel": config.attention_kernel,
             "num_threads": config.num_threads or available_cpu_count(), "machine": _machine()}
 
 
