@@ -104,7 +104,9 @@ class _ModeModel:
         span = SequenceSpan(0, 0, len(ids), list(range(1, num_blocks + 1)))
         meta = build_attention_metadata([span], runner.block_size, self.sliding_window, runner.device)
         positions = torch.arange(len(ids), device=runner.device)
-        logits = runner.model(torch.tensor(ids, device=runner.device), positions, runner.kv_caches, meta, positions)
+        with runner.denormals_flushed():
+            logits = runner.model(torch.tensor(ids, device=runner.device), positions, runner.kv_caches, meta,
+                                  positions)
         return torch.log_softmax(logits.float(), dim=-1)
 
 

@@ -7,6 +7,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,14 +96,17 @@ class ModelRunner:
             if hasattr(module, "cos"):
                 module.cos, module.sin = module.cos.float(), module.sin.float()
         maxima = None
+        self.flush_denormals = False
         if config.quantization == "int8":
             if tokenizer is None:
                 raise ValueError("quantization int8 needs the tokenizer for its calibration pass")
             # NOTE: this mode's forward makes denormal floats (values below ~1e-38), which the CPU computes
             # with microcode: a 512-token prefill took 17 s instead of 0.4 s until they are flushed to
-            # zero (process-wide; it changes no value above 1e-38). docs/benchmarks.md.
-            torch.set_flush_denormal(True)
-            maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
+            # zero (it changes no value above 1e-38; docs/benchmarks.md). Only inside the model's work:
+            # the flag is the thread's floating-point state, which the rest of the process must keep.
+            self.flush_denormals = True
+            with self.denormals_flushed():
+                maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima)
         self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
@@ -142,7 +147,23 @@ class ModelRunner:
         apply_scheduler_output(self.requests, output, self.grammar)
 
     @torch.inference_mode()
+    @contextmanager
+    def denormals_flushed(self) -> Iterator[None]:
+        """Denormal floats flushed to zero inside, in the modes that need it (`flush_denormals`)."""
+        if not self.flush_denormals:
+            yield
+            return
+        torch.set_flush_denormal(True)
+        try:
+            yield
+        finally:
+            torch.set_flush_denormal(False)
+
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        with self.denormals_flushed():
+            return self._execute(output)
+
+    def _execute(self, output: SchedulerOutput) -> RunnerOutput:
         started = time.perf_counter()
         self.update_states(output)
         model_input = build_model_input(output, self.requests, self.block_size, self.sliding_window, self.device)
