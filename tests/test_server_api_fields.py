@@ -27,8 +27,9 @@ MESSAGES = [{"role": "user", "content": "hi there"}]
 def _serve(model_dir: Path, tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
     template = tmp_path / "template.jinja"
     template.write_text(CHAT_TEMPLATE)
+    # fp32: some tests compare a request's logprobs with a repeat's (bf16 differs by shape, prefix hit or not)
     return running_server("--model", str(model_dir), "--block-size", "4", "--num-kv-blocks", "2048",
-                          "--chat-template", str(template), "--max-model-len", "256", *extra,
+                          "--dtype", "float32", "--chat-template", str(template), "--max-model-len", "256", *extra,
                           log_path=str(tmp_path / "server.log"))
 
 
