@@ -195,9 +195,11 @@ def test_streamed_chat_logprobs_reach_the_client_once_per_token(client: openai.O
     assert len(streamed) == 20
     expected = whole.choices[0].logprobs.content
     assert [e.token for e in streamed] == [e.token for e in expected]
-    # NOTE: close, not equal: the second request's prompt may come from the prefix cache (other matmul shapes)
+    # NOTE: close, not equal: the second request's prompt may come from the prefix cache (other matmul shapes),
+    # and the tiny random model's logits amplify that (up to 0.025 seen in fp32); a logprob sent for the
+    # wrong token or twice would be off by far more, and the tokens are compared above.
     drift = max(abs(a.logprob - b.logprob) for a, b in zip(streamed, expected))
-    assert drift < 1e-3, drift
+    assert drift < 0.1, drift
 
 
 def test_echo_with_logprobs_scores_the_prompt_streamed_and_not(client: openai.OpenAI, model: str) -> None:
