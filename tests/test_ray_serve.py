@@ -57,7 +57,7 @@ def test_the_example_serve_config_builds() -> None:
     assert application["import_path"] == "conveyor.distributed.app:app_builder"
     engines = app_builder(application["args"])._bound_deployment.init_args[0]  # the ingress's engine handle
     assert engines._bound_deployment.num_replicas == 2
-    assert engines._bound_deployment._deployment_config.max_ongoing_requests == 64 + 64
+    assert engines._bound_deployment._deployment_config.max_ongoing_requests == 64 + 64 + 4  # seats, queue, streams
 
 
 @pytest.fixture(scope="module")
