@@ -171,6 +171,8 @@ class ReplicaPool:
         """Read `replica`'s stream of outputs to this pool, unless that is being done already."""
         task = self._streams.get(replica)
         if task is None or task.done():
+            for gone in [r for r, t in self._streams.items() if t.done()]:  # replicas that died
+                del self._streams[gone]
             self._streams[replica] = asyncio.create_task(self._read_outputs(replica))
 
     async def _read_outputs(self, replica: str) -> None:
