@@ -241,16 +241,18 @@ def test_cli_refuses_bad_ray_flags() -> None:
         main(["serve", "--ray", "--record-trace", "trace.jsonl"])
 
 
-def test_serve_ray_puts_the_ingress_on_the_port_in_serves_throughput_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_ray_puts_the_ingress_on_the_port_in_serves_throughput_mode_if_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from conveyor.distributed.cli import THROUGHPUT_ENV, _direct_ingress
 
     for name in (THROUGHPUT_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"):
         monkeypatch.delenv(name, raising=False)
+    assert _direct_ingress(8123) is None  # opt-in: Serve's defaults, its proxy on the port
+    monkeypatch.setenv(THROUGHPUT_ENV, "1")
     proxy_port = _direct_ingress(8123)
-    assert os.environ[THROUGHPUT_ENV] == "1" and proxy_port not in (None, 8123)
+    assert proxy_port not in (None, 8123)
     assert (os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) \
         == ("8123", "8124")  # the one port the ingress replica may take
-    monkeypatch.setenv(THROUGHPUT_ENV, "0")  # the user's word: Serve's defaults, the proxy on the port
+    monkeypatch.setenv(THROUGHPUT_ENV, "0")
     monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
     assert _direct_ingress(8123) is None and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ

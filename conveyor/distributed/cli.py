@@ -18,17 +18,18 @@ from conveyor.server.serving import ServerSettings
 logger = logging.getLogger(__name__)
 
 
-# Ray Serve's own throughput mode, for the local instance: handles talk gRPC, user code and routers run on
-# the replica's event loop, and the ingress replica serves HTTP itself ("direct ingress"), so a token no
-# longer crosses Serve's proxy. Measured in docs/scaling.md; RAY_SERVE_THROUGHPUT_OPTIMIZED=0 turns it off.
+# Ray Serve's own throughput mode, opted into with RAY_SERVE_THROUGHPUT_OPTIMIZED=1: handles talk gRPC, user
+# code and routers run on the replica's event loop, and the ingress replica serves HTTP itself ("direct
+# ingress"), so a token no longer crosses Serve's proxy. Not the default (docs/scaling.md): not yet
+# measured here, and Serve fails to start the ingress while `--port` still has connections in TIME_WAIT.
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 def _direct_ingress(port: int) -> int | None:
-    """Set up Serve's throughput mode (unless the environment says otherwise) with the ingress replica on
-    `port`; return the port for Serve's proxy, which then carries nothing, or None if the mode is off.
-    Before Ray is imported: Serve reads these once, and the local instance's processes inherit them."""
-    if os.environ.setdefault(THROUGHPUT_ENV, "1") != "1" or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "0":
+    """With Serve's throughput mode asked for, put the ingress replica on `port`; return the port for
+    Serve's proxy, which then carries nothing, or None if the mode is off. Before Ray is imported: Serve
+    reads these once, and the local instance's processes inherit them."""
+    if os.environ.get(THROUGHPUT_ENV) != "1" or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "0":
         return None
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)  # [min, max): this one port
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
