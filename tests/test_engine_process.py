@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.engine_process import EngineProcess
+from conveyor.outputs import RequestOutput
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 5, 6, 7], [1, 9, 9, 2, 3, 4, 8], [1, 30, 31]]
@@ -74,6 +75,30 @@ def test_same_tokens_as_async_llm_from_the_childs_main_thread(process: EnginePro
     assert remote == here and all(len(tokens) == 12 for tokens in remote)
     assert main_thread and pid == process.pid != os.getpid()
     assert process.is_alive
+
+
+def test_a_sink_takes_each_steps_outputs_at_once_and_the_stream_only_the_last(process: EngineProcess) -> None:
+    """What a Serve replica streams to the ingress: one batch a step for all the requests sharing a sink."""
+    async def drain(outputs: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+        return [output async for output in outputs]
+
+    async def main() -> tuple[list[list[RequestOutput]], list[list[RequestOutput]], list[list[int]]]:
+        batches: list[list[RequestOutput]] = []
+        added = [await process.add_request(p, GREEDY, f"s{i}", sink=batches.append) for i, p in enumerate(PROMPTS)]
+        own = await asyncio.gather(*(drain(outputs) for outputs in added))
+        alone = await asyncio.gather(*(_tokens(process, p, f"alone{i}") for i, p in enumerate(PROMPTS)))
+        return batches, own, alone
+
+    batches, own, alone = asyncio.run(main())
+    assert all(len(outputs) == 1 and outputs[0].finished for outputs in own)  # the stream: only the last
+    by_request: dict[str, list[int]] = {}
+    for batch in batches:
+        assert len({output.request_id for output in batch}) == len(batch)  # one step's: one output a request
+        for output in batch:
+            by_request.setdefault(output.request_id, []).extend(output.delta_token_ids)
+    assert [by_request[f"s{i}"] for i in range(len(PROMPTS))] == alone  # every token, in order, via the sink
+    assert max(len(batch) for batch in batches) == len(PROMPTS)  # decode steps shared by all three
+    assert len(batches) < sum(len(tokens) for tokens in alone)
 
 
 def test_errors_cross_the_pipe_and_the_engine_goes_on(process: EngineProcess) -> None:

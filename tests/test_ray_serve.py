@@ -57,7 +57,7 @@ def test_the_example_serve_config_builds() -> None:
     assert application["import_path"] == "conveyor.distributed.app:app_builder"
     engines = app_builder(application["args"])._bound_deployment.init_args[0]  # the ingress's engine handle
     assert engines._bound_deployment.num_replicas == 2
-    assert engines._bound_deployment._deployment_config.max_ongoing_requests == 64 + 64
+    assert engines._bound_deployment._deployment_config.max_ongoing_requests == 64 + 64 + 4  # seats, queue, streams
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +239,20 @@ def test_cli_refuses_bad_ray_flags() -> None:
         main(["serve", "--ray", "--num-replicas", "0"])
     with pytest.raises(SystemExit, match="--record-trace is not available with --ray"):
         main(["serve", "--ray", "--record-trace", "trace.jsonl"])
+
+
+def test_serve_ray_puts_the_ingress_on_the_port_in_serves_throughput_mode_if_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor.distributed.cli import THROUGHPUT_ENV, _direct_ingress
+
+    for name in (THROUGHPUT_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert _direct_ingress(8123) is None  # opt-in: Serve's defaults, its proxy on the port
+    monkeypatch.setenv(THROUGHPUT_ENV, "1")
+    proxy_port = _direct_ingress(8123)
+    assert proxy_port not in (None, 8123)
+    assert (os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) \
+        == ("8123", "8124")  # the one port the ingress replica may take
+    monkeypatch.setenv(THROUGHPUT_ENV, "0")
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
+    assert _direct_ingress(8123) is None and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ

@@ -32,6 +32,8 @@ from conveyor.distributed.router import POLICIES
 from conveyor.server.serving import ServerSettings
 
 ENGINE_DEPLOYMENT = "ConveyorEngine"
+# Serve counts long-lived streams among a replica's requests: the ingress's output stream, dashboard viewers.
+STREAM_SEATS = 4
 
 
 @serve.ingress()
@@ -62,7 +64,7 @@ def build_app(config: EngineConfig, num_replicas: int = 1, settings: ServerSetti
     engines = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
         num_replicas=num_replicas,
         ray_actor_options={"num_cpus": threads, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}},
-        max_ongoing_requests=per_replica,
+        max_ongoing_requests=per_replica + STREAM_SEATS,
         health_check_period_s=health_check_period_s,
         health_check_timeout_s=60.0,
         graceful_shutdown_timeout_s=5.0,

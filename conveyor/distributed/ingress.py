@@ -2,6 +2,13 @@
 `ReplicaPool`, which stands in for the AsyncLLM and sends each engine request to a replica through a
 Serve handle (and so through the deployment's request router).
 
+Outputs do not come back on each request's own call: every replica keeps one stream to this pool
+(`EngineReplica.outputs`) carrying, one item an engine step, that step's outputs of all the pool's
+requests there, which the pool hands to each request's queue. A request's own call yields once (the
+replica's id, when its engine accepted it) and then only ends or fails. Serve's streaming is paid per
+step, not per request and token, and the call still counts as the request's load on its replica for the
+routers, and cancelling it still aborts the request.
+
 Faults: a replica that dies while a request waits for its first output is not the client's problem: the
 request is sent again (the router has dropped the dead replica, or learns it now). Once an output has
 been handed on, the request cannot be resumed elsewhere: it fails with `ReplicaDiedError` (a 503 before
@@ -11,6 +18,7 @@ the response started; an error event in a stream that had). Serve replaces the d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -24,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve import context as serve_context
+from ray.serve.context import _RequestContext, _serve_request_context
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from conveyor.config import EngineConfig, ModelConfig
@@ -82,7 +90,10 @@ class ReplicaPool:
         self.num_replicas = num_replicas  # the target; Serve keeps it so
         self.max_attempts = max_attempts
         self.retry_backoff_s = retry_backoff_s
-        self._generators: dict[str, DeploymentResponseGenerator] = {}
+        self.client_id = uuid.uuid4().hex  # names this pool's output stream on each replica
+        self._queues: dict[str, asyncio.Queue[RequestOutput | _Failure]] = {}  # request id -> its outputs
+        self._placed: dict[str, _Placement] = {}  # request id -> where it runs now
+        self._streams: dict[str, asyncio.Task[None]] = {}  # replica -> the task reading its outputs to us
 
     @property
     def replicas(self) -> dict[str, dict[str, Any]]:
@@ -109,16 +120,24 @@ class ReplicaPool:
                           request_id: str) -> AsyncIterator[RequestOutput]:
         # Token ids, so that the router can match the prompt's blocks (as LLMEngine.add_request encodes).
         prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        generator = await self._open(prompt_ids, params, request_id)
-        return self._iterate(generator, prompt_ids, params, request_id)
+        self._queues[request_id] = asyncio.Queue()  # before sending: outputs may come before the acceptance
+        try:
+            await self._open(prompt_ids, params, request_id)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        return self._iterate(prompt_ids, params, request_id)
 
-    async def _open(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str) -> DeploymentResponseGenerator:
-        """Send the request until a replica accepts it; raise ValueError for what no engine can run."""
+    async def _open(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> None:
+        """Send the request until a replica accepts it; raise ValueError for what no engine can run. Its
+        outputs then come on that replica's stream to this pool (`_subscribe`); its own call only ends, or
+        fails (`_watch`)."""
         for attempt in range(self.max_attempts):
-            generator = self._send(prompt_ids, params, request_id)
+            with _own_request_context():
+                generator = self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id,
+                                                                           self.client_id)
             try:
-                await generator.__anext__()  # the replica's "accepted" marker
+                replica = await generator.__anext__()  # the replica's id, once its engine accepted the request
             except RayTaskError as error:
                 if isinstance(error.cause, ValueError):
                     raise ValueError(str(error.cause)) from None
@@ -133,57 +152,99 @@ class ReplicaPool:
                                request_id, error)
                 await asyncio.sleep(self.retry_backoff_s * (attempt + 1))
                 continue
-            self._generators[request_id] = generator
-            return generator
+            self._subscribe(replica)
+            self._placed[request_id] = _Placement(request_id, replica, generator, asyncio.create_task(
+                self._watch(generator, replica, self._queues[request_id])))
+            return
         raise EngineDeadError(f"no engine replica accepted request {request_id} in {self.max_attempts} attempts")
 
-    def _send(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> DeploymentResponseGenerator:
-        # NOTE: Serve tags every handle call made while serving one HTTP request with that request's
-        # internal id, and its router indexes the calls it is placing by that id: the n engine requests
-        # of an n > 1 request, placed at once, overwrite each other there and one can wait forever
-        # (seen with Ray 2.60). Each call gets an id of its own.
-        context = serve_context._get_serve_request_context()
-        token = serve_context._serve_request_context.set(
-            dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+    @staticmethod
+    async def _watch(generator: DeploymentResponseGenerator, replica: str, queue: asyncio.Queue[Any]) -> None:
+        """A request's own call ends when the request does; if it fails instead, the request learns why."""
         try:
-            return self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
-        finally:
-            serve_context._serve_request_context.reset(token)
+            async for _ in generator:
+                pass
+        except (*_REPLICA_GONE, RayTaskError) as error:
+            queue.put_nowait(_Failure(replica, error))
 
-    async def _iterate(self, generator: DeploymentResponseGenerator, prompt_ids: list[int],
-                       params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    def _subscribe(self, replica: str) -> None:
+        """Read `replica`'s stream of outputs to this pool, unless that is being done already."""
+        task = self._streams.get(replica)
+        if task is None or task.done():
+            for gone in [r for r, t in self._streams.items() if t.done()]:  # replicas that died
+                del self._streams[gone]
+            self._streams[replica] = asyncio.create_task(self._read_outputs(replica))
+
+    async def _read_outputs(self, replica: str) -> None:
+        """Hand each output on `replica`'s stream to its request; if the stream fails (the replica died),
+        fail the requests placed there."""
+        _serve_request_context.set(_RequestContext(_internal_request_id=uuid.uuid4().hex))  # no HTTP request's
+        generator = None
+        try:
+            for _ in range(self.max_attempts):
+                generator = self.handle.options(stream=True).outputs.remote(self.client_id, target_replica=replica)
+                if await generator.__anext__() == replica:
+                    break
+                generator.cancel()  # it reached another replica: ask again
+            else:
+                raise RuntimeError(f"could not open the output stream of replica {replica}")
+            async for outputs in generator:
+                for output in outputs:
+                    queue = self._queues.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output)
+            raise RuntimeError(f"the output stream of replica {replica} ended")
+        except Exception as error:
+            for placement in list(self._placed.values()):
+                if placement.replica == replica:
+                    queue = self._queues.get(placement.request_id)
+                    if queue is not None:
+                        queue.put_nowait(_Failure(replica, error))
+        finally:
+            if generator is not None:
+                generator.cancel()
+
+    async def _iterate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        queue = self._queues[request_id]
         handed_on = finished = False
         try:
             while True:
-                try:
-                    output = await generator.__anext__()
-                except StopAsyncIteration:
-                    return
-                except (*_REPLICA_GONE, RayTaskError) as error:
+                item = await queue.get()
+                if isinstance(item, _Failure):
+                    placement = self._placed.get(request_id)
+                    if placement is None or item.replica != placement.replica:
+                        continue  # news of an earlier attempt's replica
+                    error = item.error
                     if isinstance(error, RayTaskError) and not _engine_died(error):
-                        raise
+                        raise error
                     if handed_on:
                         raise ReplicaDiedError(
                             f"the engine replica running request {request_id} died after part of the output "
                             f"was sent; it cannot be resumed, send it again ({type(error).__name__})") from None
                     logger.warning("request %s: its replica died before the first output; sending it again",
                                    request_id)
-                    generator = await self._open(prompt_ids, params, request_id)
+                    self._forget(request_id, cancel=True)
+                    await self._open(prompt_ids, params, request_id)
                     continue
                 handed_on = True
-                yield output
-                if output.finished:
+                yield item
+                if item.finished:
                     finished = True
                     return
         finally:
-            self._generators.pop(request_id, None)
-            if not finished:
-                generator.cancel()  # Serve cancels the replica's generator, which aborts the request
+            self._queues.pop(request_id, None)
+            self._forget(request_id, cancel=not finished)  # Serve cancels the replica's call: the request aborts
+
+    def _forget(self, request_id: str, cancel: bool) -> None:
+        placement = self._placed.pop(request_id, None)
+        if placement is not None and cancel:
+            placement.watcher.cancel()
+            placement.generator.cancel()
 
     def abort(self, request_id: str) -> None:
-        generator = self._generators.pop(request_id, None)
-        if generator is not None:
-            generator.cancel()
+        self._queues.pop(request_id, None)
+        self._forget(request_id, cancel=True)
 
     async def call(self, function: Callable[[LLMEngine], T]) -> list[T]:
         """`function(engine)` on every live replica; their results, one a replica."""
@@ -220,6 +281,35 @@ class ReplicaPool:
         router = ROUTERS.get(self.handle.deployment_name)
         if router is not None:
             yield from (replica_id.to_full_id_str() for replica_id in router.curr_replicas)
+
+
+@dataclasses.dataclass
+class _Placement:
+    request_id: str
+    replica: str
+    generator: DeploymentResponseGenerator  # the request's own call: cancelling it aborts the request
+    watcher: asyncio.Task[None]
+
+
+@dataclasses.dataclass
+class _Failure:
+    replica: str  # where the request ran: a failure reported for another attempt's replica is old news
+    error: BaseException
+
+
+@contextlib.contextmanager
+def _own_request_context() -> Iterator[None]:
+    """Handle calls made meanwhile get an internal request id of their own.
+
+    NOTE: Serve tags every handle call made while serving one HTTP request with that request's internal
+    id, and its router indexes the calls it is placing by that id: the n engine requests of an n > 1
+    request, placed at once, overwrite each other there and one can wait forever (seen with Ray 2.60)."""
+    context = _serve_request_context.get() or _RequestContext()
+    token = _serve_request_context.set(dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+    try:
+        yield
+    finally:
+        _serve_request_context.reset(token)
 
 
 def _engine_died(error: RayTaskError) -> bool:

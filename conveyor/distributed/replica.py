@@ -57,16 +57,41 @@ class EngineReplica:
 
         self.llm = EngineProcess(config, functools.partial(_engine_setup, model_name), log_interval,
                                  function_pickler=cloudpickle.dumps, on_exit=_end_replica)
+        self._outboxes: dict[str, _Outbox] = {}  # a client's outputs not yet streamed to it
 
-    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str
-                       ) -> AsyncIterator[RequestOutput | None]:
-        """Stream a request's outputs, after a first `None` that says it was accepted: the caller learns
-        of a ValueError (an impossible request) before anything streams, as with a local AsyncLLM.
-        Serve cancels this generator when the caller goes, which aborts the request."""
-        outputs = await self.llm.add_request(prompt, params, request_id)
-        yield None
-        async for output in outputs:
-            yield output
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str, client: str
+                       ) -> AsyncIterator[str]:
+        """Run a request whose outputs go to `client`'s stream (`outputs`): this call yields only this
+        replica's id once the engine accepted it (the caller learns of a ValueError, an impossible
+        request, before anything streams, as with a local AsyncLLM), and ends when the request does or
+        raises its error. Serve cancels it when the caller goes, which aborts the request."""
+        outputs = await self.llm.add_request(prompt, params, request_id, sink=self._outbox(client).push)
+        yield replica_id()
+        async for _ in outputs:  # only the last output comes this way; the rest go to the outbox
+            pass
+
+    async def outputs(self, client: str, target_replica: str | None = None) -> AsyncIterator[str | list[RequestOutput]]:
+        """Every output of `client`'s requests on this replica, one item an engine step (all that step's
+        outputs): per request and token, Serve's streaming costs the ingress and this replica ~2 ms of
+        CPU (docs/scaling.md); per step it costs that once. The first item is this replica's id, as in
+        `steps`. One stream a client (the ingress replica), open for as long as the client lives."""
+        own = replica_id()
+        yield own
+        if target_replica is not None and target_replica != own:
+            return
+        outbox = self._outbox(client)
+        try:
+            while True:
+                yield await outbox.take()
+        finally:
+            if self._outboxes.get(client) is outbox:
+                del self._outboxes[client]
+
+    def _outbox(self, client: str) -> _Outbox:
+        outbox = self._outboxes.get(client)
+        if outbox is None:
+            outbox = self._outboxes[client] = _Outbox()
+        return outbox
 
     async def call(self, function: Callable[[LLMEngine], T], target_replica: str | None = None
                    ) -> tuple[str, T | None]:
@@ -112,6 +137,25 @@ class EngineReplica:
     def __del__(self) -> None:
         if hasattr(self, "llm"):
             self.llm.shutdown(timeout=1.0)
+
+
+class _Outbox:
+    """Outputs waiting for their client's stream, pushed a step at a time by the engine process's reader."""
+
+    def __init__(self) -> None:
+        self.pending: list[RequestOutput] = []
+        self.ready = asyncio.Event()
+
+    def push(self, outputs: list[RequestOutput]) -> None:
+        self.pending += outputs
+        self.ready.set()
+
+    async def take(self) -> list[RequestOutput]:
+        """Everything pushed since the last take, once there is something."""
+        await self.ready.wait()
+        self.ready.clear()
+        taken, self.pending = self.pending, []
+        return taken
 
 
 def _end_replica(grace_s: float = 0.5) -> None:

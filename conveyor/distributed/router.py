@@ -54,12 +54,20 @@ class _Conveyor:
 
         registry.ROUTERS[self._deployment_id.name] = self  # type: ignore[assignment]
 
-    def _targeted(self, request: PendingRequest | None) -> list[list[RunningReplica]] | None:
-        target = request.kwargs.get("target_replica") if request is not None else None
-        if target is None:
-            return None
-        chosen = [r for r in self._replicas.values() if r.replica_id.to_full_id_str() == target]
-        return [chosen] if chosen else []
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        target = pending_request.kwargs.get("target_replica") if pending_request is not None else None
+        if target is not None:
+            chosen = [r for r in self._replicas.values() if r.replica_id.to_full_id_str() == target]
+            return [chosen] if chosen else []
+        if not candidate_replicas:
+            return []
+        return await self._route(candidate_replicas, pending_request)
+
+    async def _route(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
+        """The router's own choice among (at least one) candidates, for a request with no target."""
+        raise NotImplementedError
 
 
 class PrefixAwareRouter(_Conveyor, RequestRouter):
@@ -72,13 +80,8 @@ class PrefixAwareRouter(_Conveyor, RequestRouter):
         self.decisions = dict.fromkeys(("prefix", "fallback_overloaded", "fallback_busier", "fallback_no_match"), 0)
         self._register()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        targeted = self._targeted(pending_request)
-        if targeted is not None:
-            return targeted
-        if not candidate_replicas:
-            return []
+    async def _route(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
         try:
             return [[self._choose(candidate_replicas, pending_request)]]
         except Exception:  # a routing bug must not strand the request: any replica beats none
@@ -138,12 +141,9 @@ class RandomRouter(_Conveyor, FIFOMixin, RequestRouter):
     def initialize_state(self) -> None:
         self._register()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        targeted = self._targeted(pending_request)
-        if targeted is not None:
-            return targeted
-        return [[random.choice(candidate_replicas)]] if candidate_replicas else []
+    async def _route(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
+        return [[random.choice(candidate_replicas)]]
 
 
 class PowerOfTwoRouter(_Conveyor, PowerOfTwoChoicesRequestRouter):
@@ -152,12 +152,9 @@ class PowerOfTwoRouter(_Conveyor, PowerOfTwoChoicesRequestRouter):
     def initialize_state(self) -> None:
         self._register()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        targeted = self._targeted(pending_request)
-        if targeted is not None:
-            return targeted
-        return await super().choose_replicas(candidate_replicas, pending_request)
+    async def _route(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
+        return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
 
 
 POLICIES: dict[str, type[RequestRouter]] = {"prefix": PrefixAwareRouter, "random": RandomRouter,

@@ -51,7 +51,41 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
-class AsyncLLM:
+class OutputStreams:
+    """What AsyncLLM and EngineProcess share: a request's outputs read from its queue, the request
+    aborted when its reader stops before the end."""
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str) -> AsyncIterator[RequestOutput]:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        outputs = await self.add_request(prompt, params, request_id)
+        async for output in outputs:
+            yield output
+
+    async def _iterate(self, request_id: str,
+                       queue: asyncio.Queue[RequestOutput | BaseException]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+
+class AsyncLLM(OutputStreams):
     def __init__(self, engine: LLMEngine, log_interval: float = 5.0, observer: StepObserver | None = None,
                  start_thread: bool = True, queue_observer: QueueObserver | None = None) -> None:
         self.engine = engine
@@ -85,28 +119,7 @@ class AsyncLLM:
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._send("add", (request_id, prompt, params, stream, added))
         await asyncio.wrap_future(added)  # raises the engine's ValueError for impossible requests
-        return self._iterate(request_id, stream)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        outputs = await self.add_request(prompt, params, request_id)
-        async for output in outputs:
-            yield output
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return self._iterate(request_id, stream.queue)
 
     async def call(self, function: Callable[[LLMEngine], T]) -> T:
         """Run `function(engine)` in the engine thread between two steps and return its result."""

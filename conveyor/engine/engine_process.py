@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor.config import EngineConfig
-from conveyor.engine.async_engine import EngineDeadError, QueueObserver, StepFailedError, StepObserver
+from conveyor.engine.async_engine import (
+    EngineDeadError,
+    OutputStreams,
+    QueueObserver,
+    StepFailedError,
+    StepObserver,
+)
 from conveyor.outputs import RequestOutput
 from conveyor.sampling_params import SamplingParams
 
@@ -44,6 +50,8 @@ T = TypeVar("T")
 
 # Run in the child once the engine is built: the step and queue observers it should call (metrics...).
 EngineSetup = Callable[["LLMEngine"], tuple[StepObserver | None, QueueObserver | None]]
+# Takes one step's outputs of the requests added with it, in one call on the caller's event loop.
+OutputSink = Callable[[list[RequestOutput]], None]
 
 
 @dataclass
@@ -51,9 +59,10 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
     added: asyncio.Future[None]
+    sink: OutputSink | None = None
 
 
-class EngineProcess:
+class EngineProcess(OutputStreams):
     """The host's side. Starting it builds the engine in the child and waits until it is ready (raising
     the child's error if it failed); `start_timeout` bounds the wait. `on_exit` is called after the
     child died unasked and every request in flight was failed."""
@@ -105,11 +114,13 @@ class EngineProcess:
 
     # ---- the caller's side (event loop) ---------------------------------------------------------
 
-    async def add_request(self, prompt: str | list[int], params: SamplingParams,
-                          request_id: str) -> AsyncIterator[RequestOutput]:
-        """As AsyncLLM.add_request: ValueError here for impossible requests; closing the stream early aborts."""
+    async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                          sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
+        """As AsyncLLM.add_request: ValueError here for impossible requests; closing the stream early aborts.
+        With a `sink`, every output goes to it, a step's outputs of all the requests sharing the sink in
+        one call, and the request's own stream yields only the last one (or raises its error)."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future(), sink)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
@@ -119,29 +130,7 @@ class EngineProcess:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        return self._iterate(request_id, stream)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        outputs = await self.add_request(prompt, params, request_id)
-        async for output in outputs:
-            yield output
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return self._iterate(request_id, stream.queue)
 
     async def call(self, function: Callable[[LLMEngine], T]) -> T:
         """Run `function(engine)` in the engine process between two steps and return its result."""
@@ -203,8 +192,7 @@ class EngineProcess:
                 message = self._conn.recv()
                 kind = message[0]
                 if kind == "outputs":
-                    for output in message[1]:
-                        self._deliver(output.request_id, output)
+                    self._deliver_step(message[1])
                 elif kind == "added":
                     _, request_id, error = message
                     stream = self._streams.get(request_id)
@@ -237,6 +225,24 @@ class EngineProcess:
             _resolve(loop, done, None, dead)
         if not self._closed and self.on_exit is not None:
             self.on_exit()
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: each to its request's stream, or, for requests added with a sink, all of them
+        to their sink at once (and the last output of each to its stream, which ends there)."""
+        batches: dict[OutputSink, tuple[asyncio.AbstractEventLoop, list[RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None and stream.sink is not None:
+                batches.setdefault(stream.sink, (stream.loop, []))[1].append(output)
+        for sink, (loop, batch) in batches.items():  # first: a stream's end comes after its last output
+            try:
+                loop.call_soon_threadsafe(sink, batch)
+            except RuntimeError:  # the caller's event loop is gone
+                pass
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None and (stream.sink is None or output.finished):
+                self._deliver(output.request_id, output)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
