@@ -6,7 +6,9 @@ model run, and the profiler gets the same shapes from the real engine's steps. T
 the time goes in `conveyor.model`: the flat projections and MLP scale with tokens, the lm_head with
 sampled rows, decode attention with the keys each decode group gathers (padded to its longest row, one
 batched call per group), prefill attention with each chunk's queries times the keys it sees, on each
-kind of layer (full context or sliding window).
+kind of layer (full context or sliding window). Two terms fit what those miss on real steps: the squared
+gathered keys (a big batch's keys cost more each than a small one's: they no longer fit the caches), and a
+decode-only step of one or two rows (the linears' small-row kernels run below the per-token rate).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from conveyor.config import ModelConfig
 from conveyor.engine.scheduler_output import SchedulerOutput
 
 FEATURES = ("step", "tokens", "sampled", "decode_rows", "decode_groups", "decode_keys", "prefill_chunks",
-            "prefill_keys")
+            "prefill_keys", "decode_keys_sq", "small_decode")
 DECODE_GROUP_SLACK = 1.3  # as conveyor.model.attention groups decode rows: within 1.3x of the group's longest
+SMALL_DECODE_ROWS = 2  # a decode-only step of this many rows or fewer: the linears' small-M kernels
+KEYS_SQ_UNIT = 1e6  # decode_keys_sq is in (keys / 1000)^2, so its coefficient prints readably
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,9 @@ def step_features(rows: Sequence[RowShape], shape: AttentionShape) -> np.ndarray
         groups += count * kind_groups / num_layers
         keys += count * kind_keys / num_layers
         prefill_keys += count * _prefill_keys(prefills, window) / num_layers
+    small = float(not prefills and 0 < len(decodes) <= SMALL_DECODE_ROWS)
     return np.array([1.0, sum(row.num_new for row in rows), sum(1 for row in rows if row.samples),
-                     len(decodes), groups, keys, len(prefills), prefill_keys])
+                     len(decodes), groups, keys, len(prefills), prefill_keys, keys * keys / KEYS_SQ_UNIT, small])
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,13 @@ class CostModel:
     """Step seconds = the coefficients (one per feature, never negative) times the step's features."""
 
     shape: AttentionShape
-    coefficients: tuple[float, ...]
+    coefficients: tuple[float, ...]  # in FEATURES order; a shorter tuple prices the features after it at 0
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) > len(FEATURES):
+            raise ValueError(f"{len(self.coefficients)} coefficients for {len(FEATURES)} features")
+        padding = (0.0,) * (len(FEATURES) - len(self.coefficients))
+        object.__setattr__(self, "coefficients", tuple(self.coefficients) + padding)
 
     def step_seconds(self, rows: Sequence[RowShape]) -> float:
         return float(np.dot(self.coefficients, step_features(rows, self.shape)))
@@ -109,7 +120,12 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: dict) -> CostModel:
-        return cls(AttentionShape(**data["shape"]), tuple(float(data["coefficients"][f]) for f in FEATURES))
+        # NOTE: a feature missing from an older file prices at 0, which is what that model meant.
+        return cls(AttentionShape(**data["shape"]), tuple(float(data["coefficients"].get(f, 0.0)) for f in FEATURES))
+
+    def scaled(self, factor: float) -> CostModel:
+        """Every step `factor` times as long: the same model on a machine running that much slower."""
+        return CostModel(self.shape, tuple(factor * c for c in self.coefficients))
 
 
 def fit_cost_model(steps: Sequence[Sequence[RowShape]], seconds: Sequence[float], shape: AttentionShape,

@@ -2,11 +2,17 @@
 
 The profile times steps of an in-process engine. Behind `conveyor serve` the same steps share the two
 cores with the event loop (HTTP, JSON, detokenizing, one SSE chunk per token), and each request spends
-time outside the engine before its first token reaches the client. Both are measured here once, against a
-real server running the base configuration: small bursts of concurrent requests (random-id prompts, EOS
-ignored) are sent with the benchmark's client, and the same bursts are simulated with the profiled cost
-model. The ratio of measured to simulated inter-token latency is the step factor; what remains of the
-measured TTFT of lone requests after the (scaled) simulated one is the per-request overhead.
+time outside the engine before its first token reaches the client. Both are measured here once, on the
+regime they matter in: a real server of the base configuration gets a short W2-like run (W1's lengths,
+Poisson arrivals) at a moderate load, half of what the simulation says the configuration can carry, and
+the same requests at the same arrival times are simulated. The step factor is the measured over the
+simulated inter-token time, summed over every streamed token; the per-request overhead is the median
+of what is left of each request's measured TTFT after its simulated one. The two are refit together
+(each changes the other's queueing) until they settle.
+
+(A first version fit them on short bursts to an idle server: a lone request there pays an idle server's
+wake-up and a slow moment of the machine in full, and the per-request figure came out ten times what a
+loaded server pays; see docs/tuning.md.)
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from conveyor.bench.serve import RequestResult, ServeSettings, benchmark_client, stream_request
+from conveyor.bench.serve import (
+    RequestResult,
+    ServeSettings,
+    arrival_delays,
+    benchmark_client,
+    stream_request,
+)
 from conveyor.config import EngineConfig, ModelConfig
 from conveyor.tune.cost_model import CostModel, ServerOverhead
 from conveyor.tune.report import config_file_values
@@ -28,76 +41,97 @@ from conveyor.tune.simulator import SimRequest, simulate
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Burst:
-    """`requests` requests sent at once, each a fresh `prompt_len`-token prompt and `max_tokens` tokens."""
-
-    requests: int
-    prompt_len: int
-    max_tokens: int
+NUM_REQUESTS = 24
+LOAD_SHARE = 0.5  # of the simulated capacity (all requests at once): a moderate load
+FIT_ROUNDS = 4
+# What a request is: (ttft, itls) in seconds, measured or simulated.
+Timings = list[tuple[float, list[float]]]
 
 
-# Lone requests (short and long prompts) give the per-request overhead; the bursts, how the step factor
-# grows with the rows streaming at once.
-BURSTS = (Burst(1, 32, 16), Burst(1, 256, 16), Burst(1, 32, 16), Burst(1, 256, 16), Burst(4, 64, 24),
-          Burst(16, 64, 24))
+def overhead_requests(model: ModelConfig, max_model_len: int, num_requests: int = NUM_REQUESTS,
+                      seed: int = 0) -> list[SimRequest]:
+    """W1's prompt lengths (32..512) with 16..128 output tokens (capped to fit the model), arriving at 0;
+    ordinary ids from the upper half of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    vocab = model.vocab_size
+    requests = []
+    for index in range(num_requests):
+        output_len = int(rng.integers(16, min(128, max(16, max_model_len // 4)) + 1))
+        prompt_len = int(rng.integers(min(32, max_model_len // 4), min(512, max_model_len - output_len - 1) + 1))
+        prompt = [int(t) for t in rng.integers(vocab // 2, vocab, size=prompt_len)]
+        requests.append(SimRequest(str(index), 0.0, prompt, output_len))
+    return requests
+
+
+def at_rate(requests: list[SimRequest], rate: float, seed: int = 0) -> list[SimRequest]:
+    """The same requests arriving as a Poisson process of `rate` per second, the first at 0."""
+    gaps = arrival_delays(len(requests), rate, 1.0, seed)
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
+    return [SimRequest(r.request_id, float(t), r.prompt_token_ids, r.output_len) for r, t in zip(requests, arrivals)]
 
 
 def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelConfig, cost_model: CostModel,
-                            bursts: tuple[Burst, ...] = BURSTS, seed: int = 0) -> ServerOverhead:
-    """Serve `config` for real, send `bursts` one after another, and compare with their simulation."""
+                            num_requests: int = NUM_REQUESTS, seed: int = 0) -> ServerOverhead:
+    """Serve `config` for real, send a short W2-like run at a moderate load, and fit against its simulation."""
     from conveyor.tune.validate import serving
 
-    rng = np.random.default_rng(seed)
-    vocab_size = model.vocab_size
-    prompts = [[[int(t) for t in rng.integers(vocab_size // 2, vocab_size, size=burst.prompt_len)]
-                for _ in range(burst.requests)] for burst in bursts]
+    resolved = config.resolved(model_path, model)
+    requests = overhead_requests(model, resolved.max_model_len or 2048, num_requests, seed)
+
+    def simulated(timed: list[SimRequest], factor: float, delay: float) -> Timings:
+        run = simulate(resolved, lambda rows: factor * cost_model.step_seconds(rows), timed, admission_delay=delay)
+        by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
+        return [by_id[r.request_id] for r in timed]
+
+    capacity = len(requests) / simulate(resolved, cost_model.step_seconds, requests).duration
+    rate = LOAD_SHARE * capacity
+    timed = at_rate(requests, rate, seed)
     with tempfile.TemporaryDirectory(prefix="conveyor-overhead-") as work_dir:
         with serving(config_file_values(config, Candidate.of(config)), Path(work_dir)) as base_url:
-            measured = [asyncio.run(_send(base_url, burst_prompts, burst.max_tokens))
-                        for burst, burst_prompts in zip(bursts, prompts)]
-    resolved = config.resolved(model_path, model)
-    rows = []
-    for burst, burst_prompts, real in zip(bursts, prompts, measured):
-        run = simulate(resolved, cost_model.step_seconds, [SimRequest(str(i), 0.0, prompt, burst.max_tokens)
-                                                            for i, prompt in enumerate(burst_prompts)])
-        rows.append(burst_row(burst, real, [(r.ttft, r.itls) for r in run.results]))
-    return fit_overhead(rows)
+            measured = asyncio.run(_send(base_url, timed))
+    overhead = fit_overhead([(r.ttft, r.itls) for r in measured], lambda f, d: simulated(timed, f, d))
+    details = dict(overhead.details or {}, rate=rate, prompt_lens=[len(r.prompt_token_ids) for r in timed],
+                   output_lens=[r.output_len for r in timed], arrivals=[r.arrival_time for r in timed])
+    return ServerOverhead(overhead.request_seconds, overhead.step_factor, details)
 
 
-def burst_row(burst: Burst, measured: list[RequestResult], simulated: list[tuple[float, list[float]]]) -> dict:
-    """One burst's medians, measured and simulated (TTFT per request; ITL over every token)."""
-    return {"requests": burst.requests, "prompt_len": burst.prompt_len, "max_tokens": burst.max_tokens,
-            "itl_measured": float(np.median([itl for r in measured for itl in r.itls])),
-            "itl_simulated": float(np.median([itl for _, itls in simulated for itl in itls])),
-            "ttft_measured": float(np.median([r.ttft for r in measured])),
-            "ttft_simulated": float(np.median([ttft for ttft, _ in simulated]))}
+def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timings],
+                 rounds: int = FIT_ROUNDS) -> ServerOverhead:
+    """Fit (step factor, per-request seconds) so that `simulate_with(factor, seconds)` matches `measured`
+    request by request: the factor on every streamed token's inter-token time (so the many-row steps of a
+    loaded server weigh as much as they stream), the per-request seconds on the median TTFT residual
+    (never below 0). Each round refits both against a simulation with the previous round's values."""
+    factor, delay = 1.0, 0.0
+    measured_itl = sum(sum(itls) for _, itls in measured)
+    for _ in range(rounds):
+        simulated = simulate_with(factor, delay)
+        simulated_itl = sum(sum(itls) for _, itls in simulated)
+        if simulated_itl > 0:
+            factor *= measured_itl / simulated_itl
+        simulated = simulate_with(factor, delay)
+        delay = max(0.0, delay + float(np.median([m[0] - s[0] for m, s in zip(measured, simulated)])))
+    simulated = simulate_with(factor, delay)
+    details = {"ttft_measured": [m[0] for m in measured], "ttft_simulated": [s[0] for s in simulated],
+               "itl_measured_mean": measured_itl / max(1, sum(len(i) for _, i in measured)),
+               "itl_simulated_mean": sum(sum(i) for _, i in simulated) / max(1, sum(len(i) for _, i in simulated))}
+    logger.info("server overhead: steps x%.3f, %.1f ms per request", factor, 1000 * delay)
+    return ServerOverhead(delay, float(factor), details)
 
 
-def fit_overhead(rows: list[dict]) -> ServerOverhead:
-    """The step factor: measured over simulated inter-token time, summed over every token of every burst
-    (so the bursts of many rows, a loaded server's regime, weigh most; a lone request's steps are also
-    slowed by an idle server waking up, which a loaded one does not pay). The per-request overhead: the
-    median over lone requests of measured TTFT minus the scaled simulated one (never below 0)."""
-    tokens = [row["requests"] * (row["max_tokens"] - 1) for row in rows]
-    factor = (sum(n * row["itl_measured"] for n, row in zip(tokens, rows))
-              / sum(n * row["itl_simulated"] for n, row in zip(tokens, rows)))
-    lone = [row["ttft_measured"] - factor * row["ttft_simulated"] for row in rows if row["requests"] == 1]
-    request_seconds = max(0.0, float(np.median(lone))) if lone else 0.0
-    logger.info("server overhead: steps x%.3f, %.1f ms per request", factor, 1000 * request_seconds)
-    return ServerOverhead(request_seconds, float(factor), {"bursts": rows})
-
-
-async def _send(base_url: str, prompts: list[list[int]], max_tokens: int) -> list[RequestResult]:
+async def _send(base_url: str, requests: list[SimRequest]) -> list[RequestResult]:
+    """Each request at its arrival time (seconds after the first), streamed; a failure is an error."""
     async with benchmark_client(ServeSettings(base_url=base_url)) as client:
-        async def one(prompt: list[int]) -> RequestResult:
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
+        started = time.perf_counter()
+
+        async def one(request: SimRequest) -> RequestResult:
+            await asyncio.sleep(max(0.0, started + request.arrival_time - time.perf_counter()))
+            body = {"prompt": request.prompt_token_ids, "max_tokens": request.output_len, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             result = await stream_request(client, "/v1/completions", body,
-                                          RequestResult(len(prompt), max_tokens, success=False))
+                                          RequestResult(len(request.prompt_token_ids), request.output_len,
+                                                        success=False))
             if not result.success:
                 raise RuntimeError(f"measuring the server overhead: a request failed: {result.error}")
             return result
 
-        return list(await asyncio.gather(*(one(prompt) for prompt in prompts)))
+        return list(await asyncio.gather(*(one(request) for request in requests)))

@@ -31,6 +31,7 @@ from conveyor.engine.request import Request
 from conveyor.model.loader import resolve_model_path
 from conveyor.sampling_params import SamplingParams
 from conveyor.tune.cost_model import (
+    FEATURES,
     AttentionShape,
     CostModel,
     RowShape,
@@ -96,7 +97,8 @@ def profile_key(config: EngineConfig) -> dict:
     return {"model": Path(model_path).name, "model_fingerprint": file_fingerprint(model_file),
             "dtype": dtype, "quantization": quantization,
             "linear_kernel": config.linear_kernel, "attention_kernel": config.attention_kernel,
-            "num_threads": config.num_threads or available_cpu_count(), "machine": _machine()}
+            "num_threads": config.num_threads or available_cpu_count(), "machine": _machine(),
+            "cost_features": len(FEATURES)}  # a profile fit on other features is measured again
 
 
 def _machine() -> str:
@@ -142,11 +144,35 @@ def _save(profile: Profile, path: Path) -> None:
     temporary.replace(path)
 
 
+def _calibration_engine(config: EngineConfig, plan: CalibrationPlan) -> LLMEngine:
+    return LLMEngine(replace(config, max_num_seqs=max(plan.batch_sizes), max_num_batched_tokens=max(plan.chunk_sizes),
+                             prefill_chunk_share=1, enable_prefix_caching=True, enable_step_trace=False))
+
+
+# A minute's worth of the profile's own points, to tell how fast the machine runs now.
+SPEED_PLAN = CalibrationPlan(batch_sizes=(1, 4, 16, 64), context_lens=(512,), chunk_sizes=(64, 256), repeats=1)
+
+
+def measure_speed(config: EngineConfig, cost_model: CostModel, plan: CalibrationPlan = SPEED_PLAN) -> dict:
+    """How fast this machine runs the model now against when it was profiled: a few of the profile's
+    calibration points measured again; `factor` is the median of measured over predicted step time
+    (a VM's speed drifts by 10-20% over an hour; the validation's predictions should use today's)."""
+    started = time.perf_counter()
+    engine = _calibration_engine(config, plan)
+    calibration = _Calibration(engine, seed=1)
+    calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up, as in the profile
+    calibration.steps.clear()
+    calibration.run_decodes(plan.batch_sizes, plan.context_lens)
+    calibration.run_chunks(plan.chunk_sizes)
+    ratios = [seconds / cost_model.step_seconds(rows) for rows, seconds in calibration.steps]
+    del engine, calibration
+    return {"factor": float(np.median(ratios)), "steps": len(ratios), "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90)), "seconds": time.perf_counter() - started}
+
+
 def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profile:
     started = time.perf_counter()
-    engine = LLMEngine(replace(config, max_num_seqs=max(plan.batch_sizes),
-                               max_num_batched_tokens=max(plan.chunk_sizes), prefill_chunk_share=1,
-                               enable_prefix_caching=True, enable_step_trace=False))
+    engine = _calibration_engine(config, plan)
     shape = AttentionShape.of(engine.model_config, engine.config.block_size)
     calibration = _Calibration(engine, seed=0)
     calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up: first calls pay one-off costs
