@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from typing import Any
 
+import torch
 from torch import nn
 
 from conveyor.config import ModelConfig
