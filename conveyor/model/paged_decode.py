@@ -48,8 +48,7 @@ def build_cpp_extension(stem: str, source: Path, extra_cflags: tuple[str, ...] =
 @functools.cache
 def load_decode_kernel() -> tuple[DecodeKernel | None, str]:
     """The compiled kernel (built once per machine and source), or None and why it cannot be built."""
-    # -fno-trapping-math (no FP exception traps; values unchanged) lets g++ vectorize the softmax's exp.
-    module, why = build_cpp_extension("conveyor_paged_decode2", _SOURCE, ("-fno-trapping-math",))
+    module, why = build_cpp_extension("conveyor_paged_decode", _SOURCE)
     return (None if module is None else module.paged_decode_attention), why
 
 

@@ -8,8 +8,7 @@
 //
 // Per (row, KV head), in fp32 whatever the cache dtype:
 //   1. scores[g][j] = scale * q[g] . k[j] for the G query heads sharing the KV head (GQA) and each
-//      visible key j (the whole context, or only the sliding window): each key is converted to fp32
-//      once and serves four query heads per pass;
+//      visible key j (the whole context, or only the sliding window);
 //   2. an exact softmax per query head over the row's scores (a two-pass softmax: the scores of one
 //      row fit in a few KiB, so there is no need for an online one);
 //   3. out[g] = sum_j p[g][j] * v[j].
@@ -18,33 +17,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
-
-// exp(x) in fp32 within ~2 ulp (Cephes' expf), written so the compiler vectorizes the softmax's loop
-// (std::exp is a scalar call); as in csrc/fused_layer_ops.cpp.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
-  return p * two_to_n;
-}
 
 template <typename scalar_t>
 void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* blocks,
@@ -54,35 +31,16 @@ void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_ca
   // KV head's element of slot 0; `token_stride` is the distance between two slots (Hk * D).
   const int64_t num_keys = end_key - first_key;
   std::vector<float> queries(group * head_dim), scores(group * num_keys), acc(group * head_dim, 0.0f);
-  std::vector<float> row(head_dim);  // one key or value converted to fp32 once, for all G query heads
-  float* x = row.data();
   for (int64_t i = 0; i < group * head_dim; ++i) queries[i] = static_cast<float>(q[i]) * scale;
 
   for (int64_t j = 0; j < num_keys; ++j) {
     const int64_t key = first_key + j;
     const scalar_t* k = k_cache + (blocks[key / block_size] * block_size + key % block_size) * token_stride;
-    for (int64_t d = 0; d < head_dim; ++d) x[d] = static_cast<float>(k[d]);
-    int64_t g = 0;
-    for (; g + 4 <= group; g += 4) {  // four query heads per pass over the key: one load, four dot products
-      const float *q0 = queries.data() + g * head_dim, *q1 = q0 + head_dim, *q2 = q1 + head_dim, *q3 = q2 + head_dim;
-      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t d = 0; d < head_dim; ++d) {
-        d0 += q0[d] * x[d];
-        d1 += q1[d] * x[d];
-        d2 += q2[d] * x[d];
-        d3 += q3[d] * x[d];
-      }
-      scores[g * num_keys + j] = d0;
-      scores[(g + 1) * num_keys + j] = d1;
-      scores[(g + 2) * num_keys + j] = d2;
-      scores[(g + 3) * num_keys + j] = d3;
-    }
-    for (; g < group; ++g) {
+    for (int64_t g = 0; g < group; ++g) {
       const float* qg = queries.data() + g * head_dim;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * x[d];
+      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
       scores[g * num_keys + j] = dot;
     }
   }
@@ -93,20 +51,21 @@ void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_ca
     float max = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < num_keys; ++j) max = std::max(max, s[j]);
     float sum = 0.0f;
-    for (int64_t j = 0; j < num_keys; ++j) s[j] = exp_approx(s[j] - max);
-    for (int64_t j = 0; j < num_keys; ++j) sum += s[j];
+    for (int64_t j = 0; j < num_keys; ++j) {
+      s[j] = std::exp(s[j] - max);
+      sum += s[j];
+    }
     inv_sum[g] = 1.0f / sum;
   }
 
   for (int64_t j = 0; j < num_keys; ++j) {
     const int64_t key = first_key + j;
     const scalar_t* v = v_cache + (blocks[key / block_size] * block_size + key % block_size) * token_stride;
-    for (int64_t d = 0; d < head_dim; ++d) x[d] = static_cast<float>(v[d]);
     for (int64_t g = 0; g < group; ++g) {
       const float p = scores[g * num_keys + j];
       float* a = acc.data() + g * head_dim;
 #pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * x[d];
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
     }
   }
   for (int64_t g = 0; g < group; ++g)
