@@ -18,6 +18,7 @@ from typing import Any
 QUANTIZATION_METHODS = ("int8", "int8-fast")  # what `EngineConfig.quantization` accepts (conveyor.model.quantization)
 ATTENTION_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.attention_kernel` accepts (conveyor.model.paged_decode)
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
+ELEMENTWISE_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.elementwise_kernel` accepts (conveyor.model.fused_ops)
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -162,6 +163,10 @@ class EngineConfig:
                                           "cache in place, compiled at first use), torch (the reference path: "
                                           "gather, then SDPA), or auto (cpp where it builds, else torch)",
                                   choices=ATTENTION_KERNELS)
+    elementwise_kernel: str = _knob("auto", "what runs a layer's norms, rotary, activation and residual adds: cpp "
+                                            "(fused C++ kernels, one pass per group, compiled at first use), torch "
+                                            "(the reference path: one torch op at a time), or auto (cpp where it "
+                                            "builds, else torch)", choices=ELEMENTWISE_KERNELS)
     chat_template: str | None = _knob(None, "a Jinja chat template file overriding the model's")
     generation_config: str = _knob("auto", "sampling defaults for the fields a request leaves unset: auto (the "
                                            "model's generation_config.json, or a GGUF's general.sampling.* keys), "
@@ -190,6 +195,9 @@ class EngineConfig:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
                              f"got {self.attention_kernel!r}")
+        if self.elementwise_kernel not in ELEMENTWISE_KERNELS:
+            raise ValueError(f"elementwise_kernel must be one of {', '.join(ELEMENTWISE_KERNELS)}, "
+                             f"got {self.elementwise_kernel!r}")
         parse_memory_size(self.kv_cache_memory)
 
     def precision(self) -> tuple[str, str | None, str]:

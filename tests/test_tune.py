@@ -55,7 +55,8 @@ def test_the_profile_key_names_the_precision_run_and_the_kernels(tiny_model_dirs
     key = profile_key(config)
     assert key["dtype"] == config.precision()[0] != "auto"
     assert profile_key(dataclasses.replace(config, dtype="float32"))["dtype"] == "float32"
-    for field, value in (("attention_kernel", "torch"), ("linear_kernel", "torch"), ("dtype", "float32")):
+    for field, value in (("attention_kernel", "torch"), ("linear_kernel", "torch"), ("elementwise_kernel", "torch"),
+                         ("dtype", "float32")):
         changed = profile_key(dataclasses.replace(config, **{field: value}))
         assert changed[field] == value and (changed != key or config.precision()[0] == "float32")
 

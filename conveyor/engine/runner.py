@@ -26,6 +26,7 @@ from conveyor.engine.batch import (
 from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
+from conveyor.model.fused_ops import apply_elementwise_kernel
 from conveyor.model.kernels import apply_linear_kernel
 from conveyor.model.paged_decode import apply_attention_kernel
 from conveyor.model.quantization import activation_maxima
@@ -108,6 +109,7 @@ class ModelRunner:
             with self.denormals_flushed():
                 maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima)
+        apply_elementwise_kernel(self.model, config.elementwise_kernel, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window

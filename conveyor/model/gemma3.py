@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -25,13 +27,26 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, gemma_style=True)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, gemma_style=True)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, gemma_style=True)
+        self.fused_ops: Any = None  # the fused C++ ops (conveyor.model.fused_ops), or None for torch's
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.fused_ops is not None and hidden.dim() == 2 and hidden.is_contiguous():
+            return self._fused_forward(hidden, positions, k_cache, v_cache, meta)
         attn_out = self.self_attn(self.input_layernorm(hidden), positions, k_cache, v_cache, meta)
         hidden = hidden + self.post_attention_layernorm(attn_out)
         mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden))
         return hidden + self.post_feedforward_layernorm(mlp_out)
+
+    def _fused_forward(self, hidden: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`forward` with each sandwich norm, its residual add and the next norm in one pass."""
+        ops, eps = self.fused_ops, self.input_layernorm.eps
+        attn_out = self.self_attn(self.input_layernorm(hidden), positions, k_cache, v_cache, meta)
+        hidden, normed = ops.add_rms_norm(hidden, attn_out.contiguous(), self.post_attention_layernorm.fused_scale,
+                                          self.pre_feedforward_layernorm.fused_scale, eps)
+        mlp_out = self.mlp(normed)
+        return ops.add_rms_norm(hidden, mlp_out.contiguous(), self.post_feedforward_layernorm.fused_scale, None, eps)[0]
 
 
 class Gemma3ForCausalLM(CausalLM):

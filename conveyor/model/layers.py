@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +26,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.gemma_style = gemma_style
         self.weight = nn.Parameter(torch.zeros(dim) if gemma_style else torch.ones(dim), requires_grad=False)
+        # The fused C++ ops (conveyor.model.fused_ops) and this norm's fp32 scale for them, or None.
+        self.fused_ops: Any = None
+        self.fused_scale: torch.Tensor | None = None
+
+    def set_fused_ops(self, ops: Any) -> None:
+        """Run through the fused ops (None: the torch path); the weight must be final."""
+        self.fused_ops = ops
+        self.fused_scale = None if ops is None else self.scale().contiguous()
+
+    def scale(self) -> torch.Tensor:
+        """What the normalized rows are multiplied by, in fp32."""
+        return (1.0 + self.weight.float()) if self.gemma_style else self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops is not None and x.dim() == 2 and x.is_contiguous():
+            return self.fused_ops.rms_norm(x, self.fused_scale, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        scale = (1.0 + self.weight.float()) if self.gemma_style else self.weight.float()
-        return (x * scale).to(dtype)
+        return (x * self.scale()).to(dtype)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -148,11 +162,23 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, gemma_norms)
         self.rotary = rotary
         self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+        self.fused_ops: Any = None  # the fused C++ ops (conveyor.model.fused_ops), or None for torch's
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.fused_ops is not None and qkv.dim() == 2 and qkv.stride(1) == 1:
+            # q/k norm and rotary in one pass, reading q and k straight out of the fused projection.
+            q_scale = k_scale = None
+            eps = 0.0
+            if self.q_norm is not None and self.k_norm is not None:
+                q_scale, k_scale, eps = self.q_norm.fused_scale, self.k_norm.fused_scale, self.q_norm.eps
+            q, k = self.fused_ops.qk_norm_rope(qkv, positions, self.rotary.cos, self.rotary.sin, q_scale, k_scale, eps,
+                                               self.num_heads, self.num_kv_heads, self.head_dim)
+            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+            return self.o_proj(self.attn(q, k, v, k_cache, v_cache, meta))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -170,6 +196,9 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.fused_ops: Any = None  # the fused C++ ops (conveyor.model.fused_ops), or None for torch's
+        # The activations the fused ops cover, by the name they take.
+        self.fused_activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(activation)
         if activation == "silu":
             self.act = F.silu
         elif activation in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -180,7 +209,10 @@ class GatedMLP(nn.Module):
             raise ValueError(f"unsupported activation {activation!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_ops is not None and self.fused_activation is not None and gate_up.dim() == 2:
+            return self.down_proj(self.fused_ops.act_mul(gate_up.contiguous(), self.fused_activation))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,21 +28,28 @@ _SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def load_decode_kernel() -> tuple[DecodeKernel | None, str]:
-    """The compiled kernel (built once per machine and source), or None and why it cannot be built."""
+def build_cpp_extension(stem: str, source: Path, extra_cflags: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """Compile (or load from torch's extensions cache) one C++ source of csrc/: (the module, how long it took),
+    or (None, why it cannot be built)."""
     try:
         from torch.utils import cpp_extension
 
         started = time.perf_counter()
         # The build targets this CPU (-march=native), so the cache is keyed by the CPU's vector level too.
-        name = f"conveyor_paged_decode_{torch.backends.cpu.get_cpu_capability().lower()}"
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
-                                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        name = f"{stem}_{torch.backends.cpu.get_cpu_capability().lower()}"
+        module = cpp_extension.load(name=name, sources=[str(source)],
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
                                     extra_ldflags=["-fopenmp"])
-        return module.paged_decode_attention, f"compiled or loaded in {time.perf_counter() - started:.1f} s"
+        return module, f"compiled or loaded in {time.perf_counter() - started:.1f} s"
     except Exception as error:  # no compiler, no headers, a build error: the torch path still works
         return None, f"the C++ kernel could not be built ({type(error).__name__}: {str(error)[:200]})"
+
+
+@functools.cache
+def load_decode_kernel() -> tuple[DecodeKernel | None, str]:
+    """The compiled kernel (built once per machine and source), or None and why it cannot be built."""
+    module, why = build_cpp_extension("conveyor_paged_decode", _SOURCE)
+    return (None if module is None else module.paged_decode_attention), why
 
 
 def choose_attention_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:

@@ -249,7 +249,7 @@ KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: clients skip it
 def system_fingerprint(config: EngineConfig) -> str:
     """What decides the outputs besides the request: conveyor's version, the model and its numerics."""
     key = (f"{__version__} {config.model} {config.dtype} {config.quantization} {config.linear_kernel} "
-           f"{config.attention_kernel}")
+           f"{config.attention_kernel} {config.elementwise_kernel}")
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

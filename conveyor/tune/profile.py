@@ -97,6 +97,7 @@ def profile_key(config: EngineConfig) -> dict:
     return {"model": Path(model_path).name, "model_fingerprint": file_fingerprint(model_file),
             "dtype": dtype, "quantization": quantization,
             "linear_kernel": config.linear_kernel, "attention_kernel": config.attention_kernel,
+            "elementwise_kernel": config.elementwise_kernel,
             "num_threads": config.num_threads or available_cpu_count(), "machine": _machine(),
             "cost_features": len(FEATURES)}  # a profile fit on other features is measured again
 
