@@ -58,6 +58,22 @@ def test_greedy_output_is_batch_invariant(gemma_dir: Path) -> None:
         assert preempted[request_id] == _run(_engine(gemma_dir), {0: [(request_id, prompt)]})[request_id]
 
 
+
+def test_an_output_keeps_its_logprobs_while_the_request_goes_on(gemma_dir: Path) -> None:
+    # A server reads an output after the engine has run more steps (the engine loop and the event loop are
+    # different threads): the logprobs it carries must still be the ones of its own tokens.
+    engine = _engine(gemma_dir)
+    engine.add_request(TARGET, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2),
+                       request_id="r")
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()[0]
+    assert len(outputs) == 6
+    for output in outputs:
+        completion = output.outputs[0]
+        assert completion.logprobs is not None and len(completion.logprobs) == len(completion.token_ids)
+        assert [next(iter(position)) for position in completion.logprobs] == completion.token_ids
+
 def test_step_trace_shows_requests_joining_and_leaving(gemma_dir: Path) -> None:
     engine = _engine(gemma_dir)
     short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -76,7 +76,8 @@ class OutputProcessor:
         completion = CompletionOutput(
             index=0, text=text, token_ids=list(request.output_token_ids),
             finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            logprobs=request.logprobs,
+            # a copy: the request's list grows with the next step while a server still reads this output
+            logprobs=None if request.logprobs is None else list(request.logprobs),
             cumulative_logprob=request.cumulative_logprob if request.logprobs is not None else None)
         metrics = RequestMetrics(arrival_time=request.arrival_time, first_scheduled_time=request.first_scheduled_time,
                                  first_token_time=request.first_token_time, finished_time=request.finished_time,
