@@ -206,8 +206,8 @@ def test_a_killed_replica_is_replaced_and_the_others_keep_serving(base_url: str,
     primed = time.time()
     _complete(base_url, prompt, max_tokens=1)  # caches the prompt on one replica: the stream below follows it
 
-    def reported_since_primed() -> bool:
-        return all(h["reported_at"] > primed + 0.1 for h in httpx.get(f"{base_url}/health").json()["replica"].values())
+    def reported_since_primed() -> bool:  # a replacement replica reports None until its first report
+        return all((h["reported_at"] or 0) > primed + 0.1 for h in httpx.get(f"{base_url}/health").json()["replica"].values())
 
     _wait_for(reported_since_primed, 10, "reports made after the prompt was cached")
     before = httpx.get(f"{base_url}/health").json()["replica"]
