@@ -48,3 +48,15 @@ def check_logprobs_close(reference: tuple[list[int], list[dict[int, float]]],
             f"{name}: position {position}: logprob {our_top[position][our_token]} vs reference "
             f"{ref_top[position][ref_token]}")
     return len(ref_ids)
+
+
+def assert_same_tokens_and_logprobs(references: list[RequestOutput], outputs: list[RequestOutput],
+                                    tolerance: float = 1e-4) -> None:
+    """Two paths' outputs for the same prompts: the same ids, and each reference top logprob within `tolerance`."""
+    for reference, ours in zip(references, outputs, strict=True):
+        ref, got = reference.outputs[0], ours.outputs[0]
+        assert got.token_ids == ref.token_ids
+        assert ref.logprobs is not None and got.logprobs is not None
+        for ref_top, our_top in zip(ref.logprobs, got.logprobs):
+            for token, logprob in ref_top.items():
+                assert abs(our_top[token].logprob - logprob.logprob) < tolerance

@@ -14,6 +14,7 @@ from conveyor.model import fused_ops
 from conveyor.model.fused_ops import apply_elementwise_kernel, choose_elementwise_kernel, load_fused_ops
 from conveyor.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from tests.conftest import TINY_ARCHITECTURES
+from tests.reference import assert_same_tokens_and_logprobs
 
 CPU = torch.device("cpu")
 needs_ops = pytest.mark.skipif(load_fused_ops()[0] is None, reason="the C++ ops cannot be built here")
@@ -156,13 +157,7 @@ def test_engine_on_the_fused_ops_matches_the_torch_path(tiny_model_dirs: dict[st
         norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, RMSNorm)]
         assert norms and all((m.fused_ops is not None) == (kernel == "cpp") for m in norms)
         results[kernel] = llm.generate(prompts, params)
-    for reference, ours in zip(results["torch"], results["cpp"]):
-        ref, got = reference.outputs[0], ours.outputs[0]
-        assert got.token_ids == ref.token_ids
-        assert ref.logprobs is not None and got.logprobs is not None
-        for ref_top, our_top in zip(ref.logprobs, got.logprobs):
-            for token, logprob in ref_top.items():
-                assert abs(our_top[token].logprob - logprob.logprob) < 1e-4
+    assert_same_tokens_and_logprobs(results["torch"], results["cpp"])
 
 
 _PRECISIONS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}

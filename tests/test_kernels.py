@@ -13,6 +13,7 @@ from conveyor import LLM, SamplingParams
 from conveyor.model.kernels import OneDNNLinear, apply_linear_kernel, choose_linear_kernel
 from conveyor.model.layers import Linear, linear
 from tests.conftest import TINY_ARCHITECTURES
+from tests.reference import assert_same_tokens_and_logprobs
 
 CPU = torch.device("cpu")
 needs_onednn = pytest.mark.skipif(choose_linear_kernel("auto", CPU, torch.float32)[0] != "onednn",
@@ -114,10 +115,4 @@ def test_engine_on_onednn_matches_the_torch_path(tiny_model_dirs: dict[str, Path
         model = llm.engine.runner.model
         assert any(isinstance(m, OneDNNLinear) for m in model.modules()) == (kernel == "onednn")
         results[kernel] = llm.generate(prompts, params)
-    for reference, ours in zip(results["torch"], results["onednn"]):
-        ref, got = reference.outputs[0], ours.outputs[0]
-        assert got.token_ids == ref.token_ids
-        assert ref.logprobs is not None and got.logprobs is not None
-        for ref_top, our_top in zip(ref.logprobs, got.logprobs):
-            for token, logprob in ref_top.items():
-                assert abs(our_top[token].logprob - logprob.logprob) < 1e-4
+    assert_same_tokens_and_logprobs(results["torch"], results["onednn"])

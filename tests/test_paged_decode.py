@@ -15,6 +15,7 @@ from conveyor.model import paged_decode
 from conveyor.model.attention import DecodeKernel, PagedAttention, SequenceSpan, build_attention_metadata
 from conveyor.model.paged_decode import apply_attention_kernel, choose_attention_kernel, load_decode_kernel
 from tests.conftest import TINY_ARCHITECTURES
+from tests.reference import assert_same_tokens_and_logprobs
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(load_decode_kernel()[0] is None, reason="the C++ kernel cannot be built here")
@@ -142,13 +143,7 @@ def test_engine_on_the_kernel_matches_the_torch_path(tiny_model_dirs: dict[str, 
         attentions = [m for m in llm.engine.runner.model.modules() if isinstance(m, PagedAttention)]
         assert attentions and all((m.decode_kernel is not None) == (kernel == "cpp") for m in attentions)
         results[kernel] = llm.generate(prompts, params)
-    for reference, ours in zip(results["torch"], results["cpp"]):
-        ref, got = reference.outputs[0], ours.outputs[0]
-        assert got.token_ids == ref.token_ids
-        assert ref.logprobs is not None and got.logprobs is not None
-        for ref_top, our_top in zip(ref.logprobs, got.logprobs):
-            for token, logprob in ref_top.items():
-                assert abs(our_top[token].logprob - logprob.logprob) < 1e-4
+    assert_same_tokens_and_logprobs(results["torch"], results["cpp"])
 
 
 # Not the int8 mode: it re-quantizes the activations at every linear, so the paths' last-bit difference
