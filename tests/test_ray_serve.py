@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -241,18 +242,42 @@ def test_cli_refuses_bad_ray_flags() -> None:
         main(["serve", "--ray", "--record-trace", "trace.jsonl"])
 
 
-def test_serve_ray_puts_the_ingress_on_the_port_in_serves_throughput_mode_if_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def _hold_in_time_wait(port: int) -> None:
+    """Leave a connection of a server on `port` in TIME_WAIT, as a server restarted on its port finds it."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first, so its side waits
+    time.sleep(0.05)
+    client.close()
+    listener.close()
+    time.sleep(0.05)
+
+
+def test_serve_ray_runs_serves_throughput_mode_with_the_ingress_on_the_port(monkeypatch: pytest.MonkeyPatch) -> None:
     from conveyor.distributed.cli import THROUGHPUT_ENV, _direct_ingress
 
-    for name in (THROUGHPUT_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    assert _direct_ingress(8123) is None  # opt-in: Serve's defaults, its proxy on the port
-    monkeypatch.setenv(THROUGHPUT_ENV, "1")
-    proxy_port = _direct_ingress(8123)
-    assert proxy_port not in (None, 8123)
+    def clear() -> None:
+        for name in (THROUGHPUT_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+                     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+            monkeypatch.delenv(name, raising=False)
+
+    clear()
+    port = free_port()
+    proxy_port = _direct_ingress("127.0.0.1", port)  # the default
+    assert proxy_port not in (None, port) and os.environ[THROUGHPUT_ENV] == "1"
     assert (os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) \
-        == ("8123", "8124")  # the one port the ingress replica may take
-    monkeypatch.setenv(THROUGHPUT_ENV, "0")
-    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
-    assert _direct_ingress(8123) is None and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ
+        == (str(port), str(port + 1))  # the one port the ingress replica may take
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"  # no load balancer to wait for
+    clear()
+    monkeypatch.setenv(THROUGHPUT_ENV, "0")  # turned off: Serve's defaults, its proxy on the port
+    assert _direct_ingress("127.0.0.1", port) is None and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ
+    # A port left in TIME_WAIT: Serve's ingress replica could not bind it (no SO_REUSEADDR), its proxy can.
+    clear()
+    monkeypatch.setenv(THROUGHPUT_ENV, "1")
+    _hold_in_time_wait(port)
+    assert _direct_ingress("127.0.0.1", port) is None
+    assert os.environ[THROUGHPUT_ENV] == "0" and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in os.environ

@@ -18,28 +18,48 @@ from conveyor.server.serving import ServerSettings
 logger = logging.getLogger(__name__)
 
 
-# Ray Serve's own throughput mode, opted into with RAY_SERVE_THROUGHPUT_OPTIMIZED=1: handles talk gRPC, user
-# code and routers run on the replica's event loop, and the ingress replica serves HTTP itself ("direct
-# ingress"), so a token no longer crosses Serve's proxy. Not the default (docs/scaling.md): not yet
-# measured here, and Serve fails to start the ingress while `--port` still has connections in TIME_WAIT.
+# Ray Serve's own throughput mode, on unless RAY_SERVE_THROUGHPUT_OPTIMIZED=0: handles talk gRPC, user code
+# and routers run on the replica's event loop, and the ingress replica serves HTTP itself ("direct
+# ingress"), so a token no longer crosses Serve's proxy (measured faster: docs/scaling.md).
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
-def _direct_ingress(port: int) -> int | None:
-    """With Serve's throughput mode asked for, put the ingress replica on `port`; return the port for
-    Serve's proxy, which then carries nothing, or None if the mode is off. Before Ray is imported: Serve
-    reads these once, and the local instance's processes inherit them."""
-    if os.environ.get(THROUGHPUT_ENV) != "1" or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "0":
+def _port_is_bindable_without_reuse(host: str, port: int) -> bool:
+    """Whether a socket without SO_REUSEADDR can bind `port`, as Serve's ingress replica binds it: not while
+    a connection of a server that just left the port is still in TIME_WAIT (about a minute)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _direct_ingress(host: str, port: int) -> int | None:
+    """Put Serve in its throughput mode with the ingress replica on `port`, and return the port for Serve's
+    proxy, which then carries nothing; or None, with Serve's defaults (its proxy on `port`), when the mode
+    is turned off or `port` cannot be bound without SO_REUSEADDR (Serve's proxy can). Before Ray is
+    imported: Serve reads these once, and the local instance's processes inherit them."""
+    if os.environ.get(THROUGHPUT_ENV) == "0" or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "0":
         return None
+    if not _port_is_bindable_without_reuse(host, port):
+        logger.warning("port %d is still held (connections in TIME_WAIT after a restart, or another server): Serve's "
+                       "ingress replica cannot bind it, so Serve's proxy serves it and the throughput mode is off", port)
+        os.environ[THROUGHPUT_ENV] = "0"
+        return None
+    os.environ[THROUGHPUT_ENV] = "1"
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)  # [min, max): this one port
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)
+    # The ingress replica stays open this long when stopped so that a load balancer in front can drop it
+    # (30 s by default). Nothing is in front of `conveyor serve --ray`; requests in flight are still awaited.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
 def serve_ray(args: argparse.Namespace) -> int:
-    proxy_port = None if args.ray_address else _direct_ingress(args.port)
+    proxy_port = None if args.ray_address else _direct_ingress(args.host, args.port)
     import ray
     from ray import serve
 
@@ -62,20 +82,31 @@ def serve_ray(args: argparse.Namespace) -> int:
         ray.init(address=args.ray_address)
     else:
         ray.init(num_cpus=available_cpu_count(), include_dashboard=False)
+    stop = _StopSignals()  # after ray.init, which installs handlers of its own that abort the process
     try:
         serve.start(http_options={"host": args.host, "port": proxy_port or args.port})
         serve.run(application, name="conveyor", route_prefix="/")
         logger.info("serving on http://%s:%d: %d engine replicas, %s routing", args.host, args.port,
                     args.num_replicas, args.router)
-        stop = threading.Event()
-
-        def on_signal(sig: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
         stop.wait()
     finally:
-        serve.shutdown()
+        serve.shutdown()  # the application, then the local instance's processes: nothing is left running
         ray.shutdown()
     return 0
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT stop the application. One that comes while `serve.run` still waits for the replicas
+    (the ingress may already answer) stops it as soon as that returns: interrupting `serve.run` left
+    `serve.shutdown` hanging."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        self._stop.wait()
