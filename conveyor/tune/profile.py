@@ -1,9 +1,10 @@
 """Profile the real step cost on this machine and model, fit the cost model, and keep it as a small JSON file.
 
-Calibration runs the real `LLMEngine` on random-id prompts (greedy, EOS ignored) in four families of
+Calibration runs the real `LLMEngine` on random-id prompts (greedy, EOS ignored) in five families of
 steps: decode batches of 1 .. max_num_seqs rows at several context lengths, single prompt chunks of
-several sizes, chunks that start after a cached prefix, and mixed steps (a prompt chunk joining running
-decodes). Decode rows at long contexts are cheap to reach: the rows of a batch share all but their last
+several sizes, chunks that start after a cached prefix, mixed steps (a prompt chunk joining running
+decodes), and a chat's next turn (a short chunk after a long cached prefix, beside decodes at that
+context). Decode rows at long contexts are cheap to reach: the rows of a batch share all but their last
 block of prompt, so the prefix cache computes it once (decode attention still gathers every row's keys).
 Every step's shape comes from the engine's own counters, its time from its `StepStats.duration`; every
 fifth step is held out of the fit to report the model's error on steps it never saw.
@@ -52,12 +53,17 @@ class CalibrationPlan:
     context_lens: tuple[int, ...] = (64, 512, 2048)
     chunk_sizes: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048)
     mixed_decodes: tuple[int, ...] = (4, 32)  # decode rows beside a joining prompt chunk
+    # A chat's next turn: a chunk of `turn_chunks` tokens after a cached prefix of `turn_prefixes`, beside
+    # `turn_decodes` rows decoding at that context (W3's steps; none of the families above has them).
+    turn_prefixes: tuple[int, ...] = (512, 1024, 2048)
+    turn_chunks: tuple[int, ...] = (32, 128)
+    turn_decodes: tuple[int, ...] = (2, 12)
     repeats: int = 2
 
     def quick(self) -> CalibrationPlan:
         """A shorter plan for a loaded machine or a test: fewer points, one pass."""
         return replace(self, batch_sizes=(1, 4, 16, 64), context_lens=(64, 1024), chunk_sizes=(16, 128, 512, 1024),
-                       mixed_decodes=(8,), repeats=1)
+                       mixed_decodes=(8,), turn_prefixes=(1024,), turn_chunks=(64,), turn_decodes=(4,), repeats=1)
 
 
 @dataclass
@@ -150,27 +156,6 @@ def _calibration_engine(config: EngineConfig, plan: CalibrationPlan) -> LLMEngin
                              prefill_chunk_share=1, enable_prefix_caching=True, enable_step_trace=False))
 
 
-# A minute's worth of the profile's own points, to tell how fast the machine runs now.
-SPEED_PLAN = CalibrationPlan(batch_sizes=(1, 4, 16, 64), context_lens=(512,), chunk_sizes=(64, 256), repeats=1)
-
-
-def measure_speed(config: EngineConfig, cost_model: CostModel, plan: CalibrationPlan = SPEED_PLAN) -> dict:
-    """How fast this machine runs the model now against when it was profiled: a few of the profile's
-    calibration points measured again; `factor` is the median of measured over predicted step time
-    (a VM's speed drifts by 10-20% over an hour; the validation's predictions should use today's)."""
-    started = time.perf_counter()
-    engine = _calibration_engine(config, plan)
-    calibration = _Calibration(engine, seed=1)
-    calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up, as in the profile
-    calibration.steps.clear()
-    calibration.run_decodes(plan.batch_sizes, plan.context_lens)
-    calibration.run_chunks(plan.chunk_sizes)
-    ratios = [seconds / cost_model.step_seconds(rows) for rows, seconds in calibration.steps]
-    del engine, calibration
-    return {"factor": float(np.median(ratios)), "steps": len(ratios), "p10": float(np.percentile(ratios, 10)),
-            "p90": float(np.percentile(ratios, 90)), "seconds": time.perf_counter() - started}
-
-
 def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profile:
     started = time.perf_counter()
     engine = _calibration_engine(config, plan)
@@ -185,6 +170,8 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
         calibration.run_chunks(plan.chunk_sizes)
         logger.info("profiling: mixed steps (%d steps so far)", len(calibration.steps))
         calibration.run_mixed(plan.mixed_decodes, plan.chunk_sizes, max(plan.context_lens))
+        logger.info("profiling: next chat turns (%d steps so far)", len(calibration.steps))
+        calibration.run_turns(plan.turn_decodes, plan.turn_prefixes, plan.turn_chunks)
     steps = calibration.steps
     held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
     training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
@@ -279,3 +266,19 @@ class _Calibration:
                     self.step()
                 self.add(self._tokens(size), 2)
                 self.drain()
+
+    def run_turns(self, decode_counts: tuple[int, ...], prefixes: tuple[int, ...], chunk_sizes: tuple[int, ...]) -> None:
+        """A chat's next turn joining running chats: `decodes` rows decode at about `prefix` tokens of
+        context (all but their last block shared, as in `run_decodes`), then a request whose prompt is the
+        shared prefix (cached) plus `size` new tokens joins them."""
+        block = self.engine.config.block_size
+        for prefix in prefixes:
+            shared = self._tokens(min(prefix, self.limit - max(chunk_sizes)))
+            for decodes in decode_counts:
+                for size in chunk_sizes:
+                    for _ in range(decodes):
+                        self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
+                    for _ in range(3):  # prefill and reach decoding
+                        self.step()
+                    self.add(shared + self._tokens(size), 2)
+                    self.drain()
