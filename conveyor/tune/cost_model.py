@@ -8,10 +8,11 @@ sampled rows, decode attention with the keys each decode group gathers (padded t
 batched call per group), prefill attention with each chunk's queries times the keys it sees, on each
 kind of layer (full context or sliding window), and with the keys each chunk gathers (its cached prefix
 and itself: `index_select` and the GQA expansion cost per key, whatever the chunk's length, so a short
-chunk after a long cached prefix, a chat's next turn, costs more than its queries x keys say). Two terms
-fit what those miss on real steps: the squared gathered keys (a big batch's keys cost more each than a
-small one's: they no longer fit the caches), and a decode-only step of one or two rows (the linears'
-small-row kernels run below the per-token rate).
+chunk after a long cached prefix, a chat's next turn, costs more than its queries x keys say). Three
+terms fit what those miss on real steps: the squared gathered keys (a big batch's keys cost more each than
+a small one's: they no longer fit the caches), a decode-only step of one or two rows (the linears'
+small-row kernels run below the per-token rate), and a mixed step (prompt chunks beside decodes: such
+steps measured ~7% above the other terms' price, in process and behind the server alike).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from conveyor.config import ModelConfig
 from conveyor.engine.scheduler_output import SchedulerOutput
 
 FEATURES = ("step", "tokens", "sampled", "decode_rows", "decode_groups", "decode_keys", "prefill_chunks",
-            "prefill_keys", "decode_keys_sq", "small_decode", "prefill_context")
+            "prefill_keys", "decode_keys_sq", "small_decode", "prefill_context", "mixed")
 DECODE_GROUP_SLACK = 1.3  # as conveyor.model.attention groups decode rows: within 1.3x of the group's longest
 SMALL_DECODE_ROWS = 2  # a decode-only step of this many rows or fewer: the linears' small-M kernels
 KEYS_SQ_UNIT = 1e6  # decode_keys_sq is in (keys / 1000)^2, so its coefficient prints readably
@@ -102,9 +103,10 @@ def step_features(rows: Sequence[RowShape], shape: AttentionShape) -> np.ndarray
         prefill_keys += count * kind_products / num_layers
         prefill_context += count * kind_context / num_layers
     small = float(not prefills and 0 < len(decodes) <= SMALL_DECODE_ROWS)
+    mixed = float(bool(prefills) and bool(decodes))
     return np.array([1.0, sum(row.num_new for row in rows), sum(1 for row in rows if row.samples),
                      len(decodes), groups, keys, len(prefills), prefill_keys, keys * keys / KEYS_SQ_UNIT, small,
-                     prefill_context])
+                     prefill_context, mixed])
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Every step's shape comes from the engine's own counters, its time from its `Step
 fifth step is held out of the fit to report the model's error on steps it never saw.
 
 The profile is keyed by the model file, dtype, quantization, thread count and machine, and reused until
-one of them changes.
+one of them changes; a change of the cost model's features refits the kept calibration steps instead.
 """
 
 from __future__ import annotations
@@ -133,7 +133,11 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
     key = profile_key(config)
     path = profile_path(key, directory)
     measured = refresh or not path.exists()
-    profile = run_profile(config, plan, key) if measured else Profile.from_dict(json.loads(path.read_text()))
+    if not measured:
+        profile = Profile.from_dict(json.loads(path.read_text()))
+    else:
+        earlier = None if refresh else _fit_on_other_features(key, path.parent)
+        profile = refit(earlier, key) if earlier else run_profile(config, plan, key)
     if server_overhead and profile.server_overhead is None:
         started = time.perf_counter()
         profile.server_overhead = measure_server_overhead(config, resolve_model_path(config.model),
@@ -143,6 +147,45 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
         return profile, path, False
     _save(profile, path)
     return profile, path, measured
+
+
+def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:
+    """A profile of the same model, settings and machine whose cost model has other features, with its
+    calibration steps kept: refitting those beats measuring them again."""
+    same = {name: value for name, value in key.items() if name != "cost_features"}
+    newest_first = sorted(directory.glob(f"profile-{key['model']}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in newest_first:
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("steps") and {n: v for n, v in data["key"].items() if n != "cost_features"} == same:
+            return Profile.from_dict(data)
+    return None
+
+
+def refit(earlier: Profile, key: dict) -> Profile:
+    """`earlier`'s calibration steps fit on today's features (no step measured again). The server overhead
+    is left to be measured again: it was fit against the old model's simulation."""
+    assert earlier.steps is not None
+    steps = [([RowShape(start, num_new, bool(samples)) for start, num_new, samples in rows], seconds)
+             for rows, seconds in earlier.steps]
+    model, summary = _fit(steps, earlier.cost_model.shape, earlier.held_out_error.get("repeat_noise", 0.0))
+    logger.info("refit the profile's %d calibration steps on the cost model's current features", len(steps))
+    return Profile(key, earlier.model_config, model, summary, len(steps), earlier.seconds, steps=earlier.steps)
+
+
+def _fit(steps: list[tuple[list[RowShape], float]], shape: AttentionShape,
+         repeat_noise: float) -> tuple[CostModel, dict[str, float]]:
+    """The cost model fit on all but every fifth step, and its error on those."""
+    held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
+    model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
+    errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
+    summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
+               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
+               "repeat_noise": repeat_noise}
+    return model, summary
 
 
 def _save(profile: Profile, path: Path) -> None:
@@ -173,13 +216,7 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
         logger.info("profiling: next chat turns (%d steps so far)", len(calibration.steps))
         calibration.run_turns(plan.turn_decodes, plan.turn_prefixes, plan.turn_chunks)
     steps = calibration.steps
-    held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
-    training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
-    model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
-    errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
-    summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
-               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
-               "repeat_noise": calibration.repeat_noise()}
+    model, summary = _fit(steps, shape, calibration.repeat_noise())
     recorded = [([[row.start, row.num_new, row.samples] for row in rows], seconds) for rows, seconds in steps]
     return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started,
                    steps=recorded)
