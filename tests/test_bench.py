@@ -116,3 +116,39 @@ def test_serve_bench_says_clearly_when_the_server_lists_no_model(tmp_path: Path)
         assert not (tmp_path / "x.json").exists()
     finally:
         server.shutdown()
+
+
+def test_chat_bench_ends_with_the_last_answer_not_a_think_time_later() -> None:
+    """A think time after a conversation's last answer is idle time, not the workload: the run's duration
+    (so its throughput) must not include it."""
+    import asyncio
+
+    from conveyor.bench.chat import run_chat_benchmark
+    from conveyor.bench.serve import ServeSettings
+    from conveyor.bench.workloads import Conversation
+
+    class Chat(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            chunks = [{"choices": [{"delta": {"content": word}}]} for word in ("a", "b")]
+            chunks.append({"choices": [], "usage": {"completion_tokens": 2, "prompt_tokens": 5}})
+            body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conversation = Conversation(system_prompt_index=0, system_prompt="s", user_messages=["hi", "and?"],
+                                    answer_lens=[2, 2], start_time=0.0, think_times=[0.2, 30.0])
+        settings = ServeSettings(base_url=f"http://127.0.0.1:{server.server_address[1]}", model="m")
+        summary = asyncio.run(run_chat_benchmark([conversation], settings))
+    finally:
+        server.shutdown()
+    assert summary["completed"] == 2 and 0.2 <= summary["duration_s"] < 5.0

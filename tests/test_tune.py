@@ -14,18 +14,19 @@ import pytest
 
 from conveyor.cli import main
 from conveyor.config import EngineConfig
-from conveyor.tune.profile import CalibrationPlan, load_or_profile, measure_speed, profile_key
+from conveyor.tune import profile as profile_module
+from conveyor.tune.profile import CalibrationPlan, load_or_profile, profile_key, profile_path
 from conveyor.workload_trace import read_trace
 from tests.server_utils import running_server
 
 TINY_PLAN = CalibrationPlan(batch_sizes=(1, 4), context_lens=(32, 128), chunk_sizes=(16, 64), mixed_decodes=(2,),
-                            repeats=1)
+                            turn_prefixes=(96,), turn_chunks=(16,), turn_decodes=(2,), repeats=1)
 # W1 prompts in the tiny vocabulary (ids 3..379 are ordinary tokens), short enough for a quick run.
 TINY_W2 = ["--num-requests", "6", "--max-input", "60", "--min-output", "4", "--max-output", "12", "--token-id-range", "3", "380",
            "--bos-id", "1"]
 
 
-def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp_path) -> None:
+def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp_path, monkeypatch) -> None:
     config = EngineConfig(model=str(tiny_model_dirs["gemma3"]), kv_cache_memory="64MiB")
     profile, path, measured = load_or_profile(config, TINY_PLAN, tmp_path)
     assert measured and path.exists() and profile.num_steps > 20
@@ -43,10 +44,20 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     assert again.server_overhead == overhead
     other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path, server_overhead=False)
     assert other[1] != path and other[2] and other[0].server_overhead is None
-    # The speed check measures a few of the same points again. Only its form is checked: the tiny model's
-    # steps take a few ms, where a shared machine's load moves them by several times.
-    speed = measure_speed(config, profile.cost_model, dataclasses.replace(TINY_PLAN, chunk_sizes=(16,)))
-    assert speed["steps"] >= 10 and 0 < speed["p10"] <= speed["factor"] <= speed["p90"]
+    # Every family of calibration steps ran, a chat's next turn among them: a chunk after a cached prefix
+    # of 96 - 16 tokens (the turn's last block is new), beside the two rows decoding at that context.
+    turns = [rows for rows, _ in profile.steps if any(n > 1 and start == 80 for start, n, _ in rows)
+             and sum(n == 1 for _, n, _ in rows) == 2]
+    assert turns
+    # A profile fit on other features (an older conveyor) is refit from its kept steps, none measured again.
+    older = json.loads(path.read_text())
+    older["key"]["cost_features"] -= 1
+    (tmp_path / "older").mkdir()
+    profile_path(older["key"], tmp_path / "older").write_text(json.dumps(older))
+    monkeypatch.setattr(profile_module, "run_profile", lambda *args: pytest.fail("measured again"))
+    refit, refit_path, refit_now = load_or_profile(config, TINY_PLAN, tmp_path / "older", server_overhead=False)
+    assert refit_now and refit_path.exists() and refit.key == profile.key and refit.steps == older["steps"]
+    assert refit.cost_model == profile.cost_model and refit.server_overhead is None
 
 
 def test_the_profile_key_names_the_precision_run_and_the_kernels(tiny_model_dirs) -> None:

@@ -38,16 +38,22 @@ def test_features_of_a_hand_computed_step() -> None:
     assert (features["decode_rows"], features["decode_groups"], features["decode_keys"]) == (2, 1.5, 16)
     # The chunk: 3 queries over 9 keys on the full layer; sliding, its first query (position 6) sees from 0.
     assert (features["prefill_chunks"], features["prefill_keys"]) == (1, 27)
+    assert features["prefill_context"] == 9  # the keys the chunk gathers: its prefix and itself, on both layers
     assert (features["step"], features["tokens"], features["sampled"]) == (1, 5, 2)
     assert features["decode_keys_sq"] == 16 ** 2 / 1e6 and features["small_decode"] == 0  # a chunk joined
+    assert features["mixed"] == 1
+    late = dict(zip(FEATURES, step_features([RowShape(start=20, num_new=2, samples=True)], shape)))
+    # After 20 cached tokens: the full layer gathers all 22 keys, the sliding one from position 20 - 8 + 1 = 13.
+    assert (late["prefill_context"], late["prefill_keys"]) == ((22 + 9) / 2, (2 * 22 + 2 * 9) / 2)
+    assert late["mixed"] == 0  # a chunk alone
     alone = dict(zip(FEATURES, step_features(rows[:2], shape)))
-    assert alone["small_decode"] == 1 and alone["decode_keys"] == 16
+    assert alone["small_decode"] == 1 and alone["decode_keys"] == 16 and alone["mixed"] == 0
     three = [RowShape(start=11, num_new=1, samples=True)] * 3
     assert dict(zip(FEATURES, step_features(three, shape)))["small_decode"] == 0
 
 
 def test_the_fit_recovers_a_known_cost_model() -> None:
-    truth = CostModel(SHAPE, (0.004, 2e-4, 1e-3, 5e-5, 8e-4, 3e-8, 2e-3, 1e-8, 2e-6, 3e-3))
+    truth = CostModel(SHAPE, (0.004, 2e-4, 1e-3, 5e-5, 8e-4, 3e-8, 2e-3, 1e-8, 2e-6, 3e-3, 4e-6, 5e-3))
     steps = _random_steps(np.random.default_rng(0), 300)
     seconds = [truth.step_seconds(rows) for rows in steps]
     fitted = fit_cost_model(steps, seconds, SHAPE)
@@ -66,7 +72,7 @@ def test_the_fit_never_prices_a_feature_negatively() -> None:
 
 
 def test_a_few_stalled_steps_do_not_drag_the_fit() -> None:
-    truth = CostModel(SHAPE, (0.004, 2e-4, 1e-3, 5e-5, 8e-4, 3e-8, 2e-3, 1e-8, 2e-6, 3e-3))
+    truth = CostModel(SHAPE, (0.004, 2e-4, 1e-3, 5e-5, 8e-4, 3e-8, 2e-3, 1e-8, 2e-6, 3e-3, 4e-6, 5e-3))
     steps = _random_steps(np.random.default_rng(3), 300)
     seconds = [truth.step_seconds(rows) for rows in steps]
     for index in range(0, 300, 30):  # one step in thirty took five times as long

@@ -139,6 +139,24 @@ def test_the_overhead_fit_recovers_a_known_factor_and_delay_under_load() -> None
     assert len(overhead.details["ttft_measured"]) == len(overhead.details["ttft_simulated"]) == 12
 
 
+def test_a_slow_moment_of_the_machine_does_not_set_the_overhead() -> None:
+    # The same server, but another process slowed the machine while a quarter of the requests streamed:
+    # their tokens took twice as long. The factor is the median request's: still the server's 1.25.
+    config = _config(max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=256, max_model_len=128)
+    requests = at_rate([SimRequest(str(i), 0.0, list(range(100, 100 + 8 + 3 * i)), 4 + i % 5) for i in range(12)],
+                       rate=20.0)
+
+    def timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:
+        run = simulate(config, lambda rows: factor * _ten_ms_plus_one_per_token(rows), requests,
+                       admission_delay=delay)
+        by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
+        return [by_id[r.request_id] for r in requests]
+
+    measured = [(ttft, [2 * itl for itl in itls]) if index % 4 == 0 else (ttft, itls)
+                for index, (ttft, itls) in enumerate(timings(1.25, 0.08))]
+    assert fit_overhead(measured, timings).step_factor == pytest.approx(1.25, rel=0.03)
+
+
 def test_the_overhead_fit_never_subtracts_time_per_request() -> None:
     measured = [(0.05, [0.02, 0.02]), (0.06, [0.02])]  # faster than simulated: no negative admission delay
     overhead = fit_overhead(measured, lambda factor, delay: [(0.1 + delay, [0.02 * factor] * 2),

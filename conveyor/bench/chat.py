@@ -2,7 +2,8 @@
 
 Each conversation sends its turns one after another: the messages so far (system prompt, earlier user
 messages and the answers as the server streamed them) plus a new user message, streamed, greedy, with
-`max_tokens` = the turn's answer length and `ignore_eos`. Conversations overlap. Reported: TTFT by turn
+`max_tokens` = the turn's answer length and `ignore_eos`; the next turn follows after a think time (none
+after the last: the run ends with its last answer). Conversations overlap. Reported: TTFT by turn
 index, TPOT, ITL, E2E, the share of prompt tokens the server found in its prefix cache (from
 `usage.prompt_tokens_details.cached_tokens`, where the server reports it), throughput and goodput.
 """
@@ -50,7 +51,8 @@ async def _conversation(client: httpx.AsyncClient, model: str, index: int, conve
         if not result.success:
             break  # the conversation cannot go on without its answer
         messages.append({"role": "assistant", "content": result.text})
-        await asyncio.sleep(think)
+        if turn < len(conversation.user_messages):  # after the last answer nothing follows: no idle tail
+            await asyncio.sleep(think)
     return results
 
 

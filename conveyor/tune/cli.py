@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from conveyor.bench.cli import (
@@ -25,7 +26,8 @@ from conveyor.config import EngineConfig
 
 def _tune(args: argparse.Namespace) -> int:
     from conveyor.model.loader import resolve_model_path
-    from conveyor.tune.profile import CalibrationPlan, load_or_profile, measure_speed
+    from conveyor.tune.overhead import measure_server_overhead
+    from conveyor.tune.profile import CalibrationPlan, load_or_profile
     from conveyor.tune.report import format_table, write_outputs
     from conveyor.tune.search import Candidate, Slo, Tuner, grid, rank, refinements
 
@@ -47,16 +49,17 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"server overhead (measured against conveyor serve): steps x{profile.server_overhead.step_factor:.3f}, "
               f"{1000 * profile.server_overhead.request_seconds:.1f} ms per request", flush=True)
 
-    cost_model, speed = profile.cost_model, None
+    overhead = profile.server_overhead
     if args.validate and not measured and not args.no_speed_check:
-        speed = measure_speed(base, cost_model)  # the predictions to be checked should be today's machine's
-        cost_model = cost_model.scaled(speed["factor"])
-        print(f"machine speed now against the profile: steps x{speed['factor']:.3f} (p10 {speed['p10']:.3f}, p90 "
-              f"{speed['p90']:.3f}, {speed['steps']} steps in {speed['seconds']:.0f} s); the cost model is scaled "
-              "by it", flush=True)
+        # The predictions to be checked should be today's: the machine's speed drifts by 10% in minutes and
+        # the server's share of the cores moves with it, so both are measured again, on a served run.
+        overhead = measure_server_overhead(base, resolve_model_path(base.model), profile.model_config,
+                                           profile.cost_model)
+        print(f"server overhead now (measured again against conveyor serve): steps x{overhead.step_factor:.3f}, "
+              f"{1000 * overhead.request_seconds:.1f} ms per request", flush=True)
     workload = _workload(args, base)
-    tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, cost_model, workload, slo,
-                  profile.server_overhead)
+    tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,
+                  overhead)
     default = Candidate.of(base)
     fixed_rate = args.rate
 
@@ -91,7 +94,7 @@ def _tune(args: argparse.Namespace) -> int:
         validation = validate(args, base, workload, tuner, evaluations[:args.validate_top], default_evaluation,
                               fixed_rate)
     write_outputs(Path(args.output_dir), base, evaluations, grid_evaluations, default_evaluation, validation,
-                  {**profile.to_dict(), "steps": None, "speed_check": speed}, slo, workload.rate_unit, fixed_rate is not None)
+                  {**profile.to_dict(), "steps": None, "server_overhead_now": asdict(overhead) if overhead else None}, slo, workload.rate_unit, fixed_rate is not None)
     print(f"conveyor tune took {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -140,7 +143,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--reprofile", action="store_true", help="measure the profile again even if cached")
     profile.add_argument("--quick-profile", action="store_true", help="fewer calibration points (about 3x faster)")
     profile.add_argument("--no-speed-check", action="store_true",
-                         help="with --validate and a cached profile, do not re-measure the machine's speed first")
+                         help="with --validate and a cached profile, do not measure the server overhead (the "
+                              "machine's speed with the server) again first")
     validate = parser.add_argument_group("validation (real runs against conveyor serve)")
     validate.add_argument("--validate", action="store_true")
     validate.add_argument("--validate-top", type=int, default=2, help="top candidates run beside the default")

@@ -6,9 +6,13 @@ model run, and the profiler gets the same shapes from the real engine's steps. T
 the time goes in `conveyor.model`: the flat projections and MLP scale with tokens, the lm_head with
 sampled rows, decode attention with the keys each decode group gathers (padded to its longest row, one
 batched call per group), prefill attention with each chunk's queries times the keys it sees, on each
-kind of layer (full context or sliding window). Two terms fit what those miss on real steps: the squared
-gathered keys (a big batch's keys cost more each than a small one's: they no longer fit the caches), and a
-decode-only step of one or two rows (the linears' small-row kernels run below the per-token rate).
+kind of layer (full context or sliding window), and with the keys each chunk gathers (its cached prefix
+and itself: `index_select` and the GQA expansion cost per key, whatever the chunk's length, so a short
+chunk after a long cached prefix, a chat's next turn, costs more than its queries x keys say). Three
+terms fit what those miss on real steps: the squared gathered keys (a big batch's keys cost more each than
+a small one's: they no longer fit the caches), a decode-only step of one or two rows (the linears'
+small-row kernels run below the per-token rate), and a mixed step (prompt chunks beside decodes: such
+steps measured ~7% above the other terms' price, in process and behind the server alike).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from conveyor.config import ModelConfig
 from conveyor.engine.scheduler_output import SchedulerOutput
 
 FEATURES = ("step", "tokens", "sampled", "decode_rows", "decode_groups", "decode_keys", "prefill_chunks",
-            "prefill_keys", "decode_keys_sq", "small_decode")
+            "prefill_keys", "decode_keys_sq", "small_decode", "prefill_context", "mixed")
 DECODE_GROUP_SLACK = 1.3  # as conveyor.model.attention groups decode rows: within 1.3x of the group's longest
 SMALL_DECODE_ROWS = 2  # a decode-only step of this many rows or fewer: the linears' small-M kernels
 KEYS_SQ_UNIT = 1e6  # decode_keys_sq is in (keys / 1000)^2, so its coefficient prints readably
@@ -71,13 +75,15 @@ def _decode_work(lengths: list[int], block_size: int, window: int | None) -> tup
     return len(groups), sum(len(group) * group[0] * block_size for group in groups)
 
 
-def _prefill_keys(rows: Iterable[RowShape], window: int | None) -> int:
-    """Queries times visible keys over the prefill chunks (each chunk's mask)."""
-    total = 0
+def _prefill_keys(rows: Iterable[RowShape], window: int | None) -> tuple[int, int]:
+    """(queries times visible keys, visible keys) over the prefill chunks: each chunk's mask, and the keys
+    it gathers (from its first query's first visible key to its end, as `model/attention.py` gathers them)."""
+    products = keys = 0
     for row in rows:
         first_key = 0 if window is None else max(0, row.start - window + 1)
-        total += row.num_new * (row.start + row.num_new - first_key)
-    return total
+        products += row.num_new * (row.start + row.num_new - first_key)
+        keys += row.start + row.num_new - first_key
+    return products, keys
 
 
 def step_features(rows: Sequence[RowShape], shape: AttentionShape) -> np.ndarray:
@@ -88,15 +94,19 @@ def step_features(rows: Sequence[RowShape], shape: AttentionShape) -> np.ndarray
     if shape.num_sliding_layers:
         kinds.append((shape.num_sliding_layers, shape.sliding_window))
     num_layers = shape.num_full_layers + shape.num_sliding_layers
-    groups = keys = prefill_keys = 0.0
+    groups = keys = prefill_keys = prefill_context = 0.0
     for count, window in kinds:
         kind_groups, kind_keys = _decode_work(decodes, shape.block_size, window) if decodes else (0, 0)
+        kind_products, kind_context = _prefill_keys(prefills, window)
         groups += count * kind_groups / num_layers
         keys += count * kind_keys / num_layers
-        prefill_keys += count * _prefill_keys(prefills, window) / num_layers
+        prefill_keys += count * kind_products / num_layers
+        prefill_context += count * kind_context / num_layers
     small = float(not prefills and 0 < len(decodes) <= SMALL_DECODE_ROWS)
+    mixed = float(bool(prefills) and bool(decodes))
     return np.array([1.0, sum(row.num_new for row in rows), sum(1 for row in rows if row.samples),
-                     len(decodes), groups, keys, len(prefills), prefill_keys, keys * keys / KEYS_SQ_UNIT, small])
+                     len(decodes), groups, keys, len(prefills), prefill_keys, keys * keys / KEYS_SQ_UNIT, small,
+                     prefill_context, mixed])
 
 
 @dataclass(frozen=True)

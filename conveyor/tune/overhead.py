@@ -5,9 +5,9 @@ cores with the event loop (HTTP, JSON, detokenizing, one SSE chunk per token), a
 time outside the engine before its first token reaches the client. Both are measured here once, on the
 regime they matter in: a real server of the base configuration gets a short W2-like run (W1's lengths,
 Poisson arrivals) at a moderate load, half of what the simulation says the configuration can carry, and
-the same requests at the same arrival times are simulated. The step factor is the measured over the
-simulated inter-token time, summed over every streamed token; the per-request overhead is the median
-of what is left of each request's measured TTFT after its simulated one. The two are refit together
+the same requests at the same arrival times are simulated. The step factor is the median, over the
+requests, of measured over simulated time from first to last token; the per-request overhead is the
+median of what is left of each request's measured TTFT after its simulated one. The two are refit together
 (each changes the other's queueing) until they settle.
 
 (A first version fit them on short bursts to an idle server: a lone request there pays an idle server's
@@ -98,16 +98,18 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
 def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timings],
                  rounds: int = FIT_ROUNDS) -> ServerOverhead:
     """Fit (step factor, per-request seconds) so that `simulate_with(factor, seconds)` matches `measured`
-    request by request: the factor on every streamed token's inter-token time (so the many-row steps of a
-    loaded server weigh as much as they stream), the per-request seconds on the median TTFT residual
-    (never below 0). Each round refits both against a simulation with the previous round's values."""
+    request by request: the factor on the median, over requests, of measured over simulated time from
+    first to last token (each request's streamed tokens, whatever the steps' rows; the median, because on
+    a shared machine another process can slow a few seconds of the run, and the requests streaming then
+    must not set the factor for all), the per-request seconds on the median TTFT residual (never below 0).
+    Each round refits both against a simulation with the previous round's values."""
     factor, delay = 1.0, 0.0
     measured_itl = sum(sum(itls) for _, itls in measured)
     for _ in range(rounds):
         simulated = simulate_with(factor, delay)
-        simulated_itl = sum(sum(itls) for _, itls in simulated)
-        if simulated_itl > 0:
-            factor *= measured_itl / simulated_itl
+        ratios = [sum(m[1]) / sum(s[1]) for m, s in zip(measured, simulated) if sum(m[1]) > 0 and sum(s[1]) > 0]
+        if ratios:
+            factor *= float(np.median(ratios))
         simulated = simulate_with(factor, delay)
         delay = max(0.0, delay + float(np.median([m[0] - s[0] for m, s in zip(measured, simulated)])))
     simulated = simulate_with(factor, delay)

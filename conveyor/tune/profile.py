@@ -1,15 +1,16 @@
 """Profile the real step cost on this machine and model, fit the cost model, and keep it as a small JSON file.
 
-Calibration runs the real `LLMEngine` on random-id prompts (greedy, EOS ignored) in four families of
+Calibration runs the real `LLMEngine` on random-id prompts (greedy, EOS ignored) in five families of
 steps: decode batches of 1 .. max_num_seqs rows at several context lengths, single prompt chunks of
-several sizes, chunks that start after a cached prefix, and mixed steps (a prompt chunk joining running
-decodes). Decode rows at long contexts are cheap to reach: the rows of a batch share all but their last
+several sizes, chunks that start after a cached prefix, mixed steps (a prompt chunk joining running
+decodes), and a chat's next turn (a short chunk after a long cached prefix, beside decodes at that
+context). Decode rows at long contexts are cheap to reach: the rows of a batch share all but their last
 block of prompt, so the prefix cache computes it once (decode attention still gathers every row's keys).
 Every step's shape comes from the engine's own counters, its time from its `StepStats.duration`; every
 fifth step is held out of the fit to report the model's error on steps it never saw.
 
 The profile is keyed by the model file, dtype, quantization, thread count and machine, and reused until
-one of them changes.
+one of them changes; a change of the cost model's features refits the kept calibration steps instead.
 """
 
 from __future__ import annotations
@@ -52,12 +53,17 @@ class CalibrationPlan:
     context_lens: tuple[int, ...] = (64, 512, 2048)
     chunk_sizes: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048)
     mixed_decodes: tuple[int, ...] = (4, 32)  # decode rows beside a joining prompt chunk
+    # A chat's next turn: a chunk of `turn_chunks` tokens after a cached prefix of `turn_prefixes`, beside
+    # `turn_decodes` rows decoding at that context (W3's steps; none of the families above has them).
+    turn_prefixes: tuple[int, ...] = (512, 1024, 2048)
+    turn_chunks: tuple[int, ...] = (32, 128)
+    turn_decodes: tuple[int, ...] = (2, 12)
     repeats: int = 2
 
     def quick(self) -> CalibrationPlan:
         """A shorter plan for a loaded machine or a test: fewer points, one pass."""
         return replace(self, batch_sizes=(1, 4, 16, 64), context_lens=(64, 1024), chunk_sizes=(16, 128, 512, 1024),
-                       mixed_decodes=(8,), repeats=1)
+                       mixed_decodes=(8,), turn_prefixes=(1024,), turn_chunks=(64,), turn_decodes=(4,), repeats=1)
 
 
 @dataclass
@@ -127,7 +133,11 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
     key = profile_key(config)
     path = profile_path(key, directory)
     measured = refresh or not path.exists()
-    profile = run_profile(config, plan, key) if measured else Profile.from_dict(json.loads(path.read_text()))
+    if not measured:
+        profile = Profile.from_dict(json.loads(path.read_text()))
+    else:
+        earlier = None if refresh else _fit_on_other_features(key, path.parent)
+        profile = refit(earlier, key) if earlier else run_profile(config, plan, key)
     if server_overhead and profile.server_overhead is None:
         started = time.perf_counter()
         profile.server_overhead = measure_server_overhead(config, resolve_model_path(config.model),
@@ -139,6 +149,45 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
     return profile, path, measured
 
 
+def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:
+    """A profile of the same model, settings and machine whose cost model has other features, with its
+    calibration steps kept: refitting those beats measuring them again."""
+    same = {name: value for name, value in key.items() if name != "cost_features"}
+    newest_first = sorted(directory.glob(f"profile-{key['model']}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in newest_first:
+        try:
+            data = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("steps") and {n: v for n, v in data["key"].items() if n != "cost_features"} == same:
+            return Profile.from_dict(data)
+    return None
+
+
+def refit(earlier: Profile, key: dict) -> Profile:
+    """`earlier`'s calibration steps fit on today's features (no step measured again). The server overhead
+    is left to be measured again: it was fit against the old model's simulation."""
+    assert earlier.steps is not None
+    steps = [([RowShape(start, num_new, bool(samples)) for start, num_new, samples in rows], seconds)
+             for rows, seconds in earlier.steps]
+    model, summary = _fit(steps, earlier.cost_model.shape, earlier.held_out_error.get("repeat_noise", 0.0))
+    logger.info("refit the profile's %d calibration steps on the cost model's current features", len(steps))
+    return Profile(key, earlier.model_config, model, summary, len(steps), earlier.seconds, steps=earlier.steps)
+
+
+def _fit(steps: list[tuple[list[RowShape], float]], shape: AttentionShape,
+         repeat_noise: float) -> tuple[CostModel, dict[str, float]]:
+    """The cost model fit on all but every fifth step, and its error on those."""
+    held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
+    model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
+    errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
+    summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
+               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
+               "repeat_noise": repeat_noise}
+    return model, summary
+
+
 def _save(profile: Profile, path: Path) -> None:
     temporary = atomic_write_path(path)
     temporary.write_text(json.dumps(profile.to_dict(), indent=2))
@@ -148,27 +197,6 @@ def _save(profile: Profile, path: Path) -> None:
 def _calibration_engine(config: EngineConfig, plan: CalibrationPlan) -> LLMEngine:
     return LLMEngine(replace(config, max_num_seqs=max(plan.batch_sizes), max_num_batched_tokens=max(plan.chunk_sizes),
                              prefill_chunk_share=1, enable_prefix_caching=True, enable_step_trace=False))
-
-
-# A minute's worth of the profile's own points, to tell how fast the machine runs now.
-SPEED_PLAN = CalibrationPlan(batch_sizes=(1, 4, 16, 64), context_lens=(512,), chunk_sizes=(64, 256), repeats=1)
-
-
-def measure_speed(config: EngineConfig, cost_model: CostModel, plan: CalibrationPlan = SPEED_PLAN) -> dict:
-    """How fast this machine runs the model now against when it was profiled: a few of the profile's
-    calibration points measured again; `factor` is the median of measured over predicted step time
-    (a VM's speed drifts by 10-20% over an hour; the validation's predictions should use today's)."""
-    started = time.perf_counter()
-    engine = _calibration_engine(config, plan)
-    calibration = _Calibration(engine, seed=1)
-    calibration.run_decodes((1,), (min(plan.context_lens),))  # warm-up, as in the profile
-    calibration.steps.clear()
-    calibration.run_decodes(plan.batch_sizes, plan.context_lens)
-    calibration.run_chunks(plan.chunk_sizes)
-    ratios = [seconds / cost_model.step_seconds(rows) for rows, seconds in calibration.steps]
-    del engine, calibration
-    return {"factor": float(np.median(ratios)), "steps": len(ratios), "p10": float(np.percentile(ratios, 10)),
-            "p90": float(np.percentile(ratios, 90)), "seconds": time.perf_counter() - started}
 
 
 def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profile:
@@ -185,14 +213,10 @@ def run_profile(config: EngineConfig, plan: CalibrationPlan, key: dict) -> Profi
         calibration.run_chunks(plan.chunk_sizes)
         logger.info("profiling: mixed steps (%d steps so far)", len(calibration.steps))
         calibration.run_mixed(plan.mixed_decodes, plan.chunk_sizes, max(plan.context_lens))
+        logger.info("profiling: next chat turns (%d steps so far)", len(calibration.steps))
+        calibration.run_turns(plan.turn_decodes, plan.turn_prefixes, plan.turn_chunks)
     steps = calibration.steps
-    held_out = steps[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
-    training = [step for i, step in enumerate(steps) if (i + 1) % HELD_OUT_EVERY]
-    model = fit_cost_model([rows for rows, _ in training], [s for _, s in training], shape)
-    errors = relative_errors(model, [rows for rows, _ in held_out], [s for _, s in held_out])
-    summary = {"mean": float(errors.mean()), "p50": float(np.percentile(errors, 50)),
-               "p90": float(np.percentile(errors, 90)), "max": float(errors.max()), "steps": len(held_out),
-               "repeat_noise": calibration.repeat_noise()}
+    model, summary = _fit(steps, shape, calibration.repeat_noise())
     recorded = [([[row.start, row.num_new, row.samples] for row in rows], seconds) for rows, seconds in steps]
     return Profile(key, engine.model_config, model, summary, len(steps), time.perf_counter() - started,
                    steps=recorded)
@@ -279,3 +303,19 @@ class _Calibration:
                     self.step()
                 self.add(self._tokens(size), 2)
                 self.drain()
+
+    def run_turns(self, decode_counts: tuple[int, ...], prefixes: tuple[int, ...], chunk_sizes: tuple[int, ...]) -> None:
+        """A chat's next turn joining running chats: `decodes` rows decode at about `prefix` tokens of
+        context (all but their last block shared, as in `run_decodes`), then a request whose prompt is the
+        shared prefix (cached) plus `size` new tokens joins them."""
+        block = self.engine.config.block_size
+        for prefix in prefixes:
+            shared = self._tokens(min(prefix, self.limit - max(chunk_sizes)))
+            for decodes in decode_counts:
+                for size in chunk_sizes:
+                    for _ in range(decodes):
+                        self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
+                    for _ in range(3):  # prefill and reach decoding
+                        self.step()
+                    self.add(shared + self._tokens(size), 2)
+                    self.drain()
