@@ -18,7 +18,7 @@ pytest.importorskip("ray.serve")
 
 def test_conveyor_serve_ray_serves_from_the_ingress_replica(tiny_model_dirs: dict[str, Path], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"):
         monkeypatch.delenv(name, raising=False)
     # Ray's workers inherit the server's environment: they import conveyor from this checkout.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -31,6 +31,9 @@ def test_conveyor_serve_ray_serves_from_the_ingress_replica(tiny_model_dirs: dic
         assert listeners, "nothing listens on the port"
         holder = " ".join(psutil.Process(listeners[0]).cmdline())
         assert "ConveyorIngress" in holder, f"the port is served by {holder!r}, not the ingress replica"
+        controller = next(p for p in psutil.process_iter(["cmdline"]) if "ServeController" in " ".join(p.info["cmdline"] or []))
+        settings = controller.environ()  # what the local instance's processes inherited from the CLI
+        assert (settings["RAY_SERVE_THROUGHPUT_OPTIMIZED"], settings["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]) == ("1", "0.5")
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=60)
         model = client.models.list().data[0].id
         completion = client.completions.create(model=model, prompt="hello there", max_tokens=8, temperature=0.0,
