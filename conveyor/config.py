@@ -157,8 +157,8 @@ class EngineConfig:
                                            "layer in int8 (~8x that error); docs/configuration.md",
                                      choices=QUANTIZATION_METHODS)
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
-                                       "faster on CPUs), torch (the reference path), or auto (onednn where it "
-                                       "can run, else torch)", choices=LINEAR_KERNELS)
+                                       "faster on CPUs; steps of 1-4 rows also take a C++ int8 kernel), torch "
+                                       "(the reference path), or auto (onednn where it can run, else torch)", choices=LINEAR_KERNELS)
     attention_kernel: str = _knob("auto", "what runs decode attention: cpp (a C++ kernel reading the paged KV "
                                           "cache in place, compiled at first use), torch (the reference path: "
                                           "gather, then SDPA), or auto (cpp where it builds, else torch)",

@@ -27,6 +27,7 @@ from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
 from conveyor.model.fused_ops import apply_elementwise_kernel
+from conveyor.model.int8_gemv import lm_head_table
 from conveyor.model.kernels import apply_linear_kernel
 from conveyor.model.paged_decode import apply_attention_kernel
 from conveyor.model.quantization import activation_maxima
@@ -90,6 +91,7 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.model = build_model(model_config, config.max_model_len, weights)
+        head_table = lm_head_table(self.model)  # fp32, for the few-row lm_head (apply_linear_kernel)
         self.model.to(device=self.device, dtype=self.dtype).eval()
         apply_attention_kernel(self.model, config.attention_kernel, self.device, self.dtype)
         # Rotary tables stay fp32 whatever the weight dtype (positions need the precision).
@@ -108,7 +110,9 @@ class ModelRunner:
             self.flush_denormals = True
             with self.denormals_flushed():
                 maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
-        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima)
+        apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima,
+                            head_table if self.device.type == "cpu" else None)
+        del head_table
         apply_elementwise_kernel(self.model, config.elementwise_kernel, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)

@@ -3,11 +3,14 @@ rows that sample, and the paged KV cache tensors the layers write to."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from conveyor.config import ModelConfig
 from conveyor.model.attention import AttentionMetadata
+from conveyor.model.int8_gemv import MAX_ROWS as SMALL_ROWS
 from conveyor.model.layers import Linear, RMSNorm, linear, load_hf_state_dict
 
 
@@ -25,6 +28,8 @@ class CausalLM(nn.Module):
         self.lm_head: nn.Module | None = None  # None: tied to the embedding (int8 mode gives it its own)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Steps of 1-4 rows: the lm_head as lossless int8 in C++ (conveyor.model.int8_gemv), or None.
+        self.small_row_head: Any = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
@@ -45,6 +50,8 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head over some rows of `hidden_states`: [rows, vocab] in fp32."""
         hidden = self.norm(hidden)
+        if self.small_row_head is not None and 1 <= hidden.shape[0] <= SMALL_ROWS:
+            return self.small_row_head(hidden)
         if self.lm_head is None:
             return linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from conveyor.config import LINEAR_KERNELS
+from conveyor.model.int8_gemv import apply_small_row_lm_head, small_row_kernel
 from conveyor.model.layers import swap_linears
 from conveyor.model.quantization import quantize_linears
 
@@ -81,15 +82,24 @@ def choose_linear_kernel(requested: str, device: torch.device, dtype: torch.dtyp
 
 
 def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | None, device: torch.device,
-                        dtype: torch.dtype, maxima: dict[str, torch.Tensor] | None = None) -> str:
+                        dtype: torch.dtype, maxima: dict[str, torch.Tensor] | None = None,
+                        head_table: torch.Tensor | None = None) -> str:
     """Choose the linear kernel for this machine (and precision), swap the model's linear layers to it
     (quantizing them first in a quantized mode; `maxima` as `quantize_linears` takes them), log the
-    choice; returns the kernel's name."""
+    choice; returns the kernel's name.
+
+    With oneDNN, steps of 1-4 rows also get the C++ int8 kernel (`conveyor.model.int8_gemv`) where it
+    builds: in the int8 layers, and in the lm_head when `head_table` (its fp32 weights, taken before the
+    model's cast: `lm_head_table`) is lossless as int8."""
     kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
+    gemv, gemv_reason = small_row_kernel(kernel)
     if quantization is not None:
-        swapped = quantize_linears(model, quantization, kernel, maxima)
+        swapped = quantize_linears(model, quantization, kernel, maxima, gemv)
     else:
         swapped = swap_linears(model, OneDNNLinear) if kernel == "onednn" else 0
     precision = quantization or str(dtype).removeprefix("torch.")
     logger.info("linear kernel for %s: %s (%s; %d layers swapped)", precision, kernel, reason, swapped)
+    # int8-fast's lm_head is an int8 layer of its own (the kernel's w8a8 product): it stays as it is.
+    head = "lm_head int8 (int8-fast)" if quantization == "int8-fast" else apply_small_row_lm_head(model, gemv, head_table)
+    logger.info("small-row int8 kernel: %s (%s; %s)", "torch" if gemv is None else "cpp", gemv_reason, head)
     return kernel

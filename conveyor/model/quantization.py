@@ -19,11 +19,14 @@ Embedding lookups, norms and attention stay in the model dtype.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from conveyor.config import QUANTIZATION_METHODS, cpu_flags
 from conveyor.model.attention import SequenceSpan, build_attention_metadata
+from conveyor.model.int8_gemv import MAX_ROWS, pack
 from conveyor.model.layers import linear, swap_linears
 
 # oneDNN's int8 linear takes unsigned activations: int8 values shifted by this, undone by its zero point.
@@ -45,10 +48,13 @@ class Int8Linear(nn.Module):
     `smooth` (one factor per input channel, SmoothQuant): the weight's columns are multiplied by it before
     rounding and the activations divided by it before theirs, so a channel with outsized activations no
     longer sets every token's int8 step; the product is unchanged in exact arithmetic.
+
+    `gemv` (`conveyor.model.int8_gemv`'s compiled kernel): steps of 1-4 rows take it, the same product
+    to the bit, with the weight packed once more in its layout.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 smooth: torch.Tensor | None = None) -> None:
+                 smooth: torch.Tensor | None = None, gemv: Any = None) -> None:
         super().__init__()
         weight = weight.detach().float()
         self.inv_smooth: torch.Tensor | None = None
@@ -60,6 +66,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.squeeze(1))  # [out_features], fp32
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._store_weight(quantized)
+        self.gemv = gemv if gemv is not None and self.in_features % gemv.W8A8_STEP == 0 else None
+        if self.gemv is not None:
+            self.register_buffer("packed_rows", pack(quantized, gemv.W8A8_STEP))
+            self.register_buffer("weight_sums", quantized.sum(dim=1, dtype=torch.int32))
 
     def _store_weight(self, quantized: torch.Tensor) -> None:
         self.register_buffer("weight_t", quantized.t().contiguous())  # [in_features, out_features]
@@ -72,9 +82,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        if self.inv_smooth is not None:
-            rows = rows * self.inv_smooth
-        out = self._scaled_matmul(rows)
+        if self.gemv is not None and 1 <= rows.shape[0] <= MAX_ROWS:
+            smooth = self.inv_smooth if self.inv_smooth is not None else rows.new_empty(0)
+            out = self.gemv.w8a8(rows, smooth, self.packed_rows, self.weight_scale, self.weight_sums,
+                                 self.out_features)
+        else:
+            if self.inv_smooth is not None:
+                rows = rows * self.inv_smooth
+            out = self._scaled_matmul(rows)
         if self.bias is not None:
             out.add_(self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -179,16 +194,21 @@ def high_precision_dtype() -> torch.dtype:
 
 
 def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
-                     maxima: dict[str, torch.Tensor] | None = None) -> int:
+                     maxima: dict[str, torch.Tensor] | None = None, gemv: Any = None) -> int:
     """Swap every nn.Linear in `model` for its quantized form, in place; returns how many were swapped.
 
     `kernel` "onednn" takes oneDNN's int8 linear, "torch" `torch._int_mm`. A model whose lm_head is tied
     to the embedding gets its own lm_head (the embedding keeps its full-precision table for lookups).
     `method` "int8" needs `maxima` (`activation_maxima` of the unquantized model) for its smoothing.
+    `gemv`: the int8 layers' few-row kernel (`Int8Linear`), or None.
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
-    int8_linear = OneDNNInt8Linear if kernel == "onednn" else Int8Linear
+    int8_class = OneDNNInt8Linear if kernel == "onednn" else Int8Linear
+
+    def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None) -> Int8Linear:
+        return int8_class(weight, bias, smooth, gemv)
+
     if method == "int8-fast":
         return swap_linears(model, int8_linear)
     if maxima is None:

@@ -1,0 +1,259 @@
+// Int8 weights times a few rows of activations (conveyor.model.int8_gemv).
+//
+// A decode step of one request multiplies one activation row by every weight, so its time is the time to
+// read the weights. oneDNN's linears pay a fixed cost per call (and the int8 mode a chain of small torch
+// ops to round the activations), and a plain row-major int8 GEMV reads four short rows at once, which the
+// hardware prefetcher follows poorly (measured 2.8x slower than the layout below). Here each layer is one
+// sequential pass over its weight, packed once at load in blocks of 4 output channels:
+//   packed[n / 4][k / S][n % 4][k % S]      S = 16 (weight_only) or 64 (w8a8)
+// so one step reads one contiguous run of 4 * S bytes holding the next S inputs of 4 channels. Output
+// channel blocks are spread over torch's threads. Two products:
+//   weight_only  out[m, n] = sum over groups g of scale[n, g] * sum_{k in g} w[n, k] * x[m, k]
+//                x fp32 or bf16 (made fp32: exact), fp32 sums; one group (per-channel scales) or several
+//   w8a8         the int8 mode's product (Int8Linear): each row of x (times inv_smooth) rounded to int8
+//                with its own scale, integer sums (exact), then * scale[n] * row_scale[m], each step
+//                rounded as the torch reference rounds, so the two agree to the bit.
+// Built with -march=native: AVX-512 loops where the CPU has them (VNNI for w8a8), plain loops that the
+// compiler vectorizes for whatever the CPU has otherwise. The layout is the same for both.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define CONVEYOR_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 4;   // rows a call takes: decode-sized steps only
+constexpr int64_t kBlock = 4;     // output channels per packed block
+constexpr int64_t kWeightOnlyStep = 16;
+constexpr int64_t kW8A8Step = 64;
+constexpr int64_t kGrain = 16;    // blocks per thread task, at least
+
+void check_common(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, int64_t step) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "x must have 1 to 4 rows");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % step == 0, "K must be a multiple of ", step);
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == blocks * kBlock * K,
+              "packed must be a contiguous int8 tensor of the packed layout for N outputs of K inputs");
+}
+
+#ifdef CONVEYOR_AVX512
+template <int M>
+inline void weight_only_block(const float* x, const int8_t* block, int64_t K, int64_t group, const float* scale,
+                              int64_t n, int64_t valid, int64_t N, float* out) {
+  const int64_t groups = K / group;
+  __m512 acc[M][kBlock];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[M][kBlock];
+    for (int m = 0; m < M; ++m)
+      for (int c = 0; c < kBlock; ++c) part[m][c] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += kWeightOnlyStep) {
+      const __m512i bytes = _mm512_loadu_si512(block + k * kBlock);  // 16 inputs of the 4 channels
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+      for (int c = 0; c < kBlock; ++c) {
+        const __m128i lane = c == 0 ? _mm512_castsi512_si128(bytes) : _mm512_extracti32x4_epi32(bytes, c);
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lane));
+        for (int m = 0; m < M; ++m) part[m][c] = _mm512_fmadd_ps(wv, xv[m], part[m][c]);
+      }
+    }
+    if (groups == 1) {  // per-channel scales: applied once to the sum, below
+      for (int m = 0; m < M; ++m)
+        for (int c = 0; c < kBlock; ++c) acc[m][c] = part[m][c];
+    } else {
+      for (int c = 0; c < kBlock; ++c) {
+        const __m512 s = _mm512_set1_ps(scale[std::min(n + c, N - 1) * groups + g]);
+        for (int m = 0; m < M; ++m) acc[m][c] = _mm512_fmadd_ps(part[m][c], s, acc[m][c]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int64_t c = 0; c < valid; ++c) {
+      const float sum = _mm512_reduce_add_ps(acc[m][c]);
+      out[m * N + n + c] = groups == 1 ? sum * scale[n + c] : sum;
+    }
+}
+#else
+template <int M>
+inline void weight_only_block(const float* x, const int8_t* block, int64_t K, int64_t group, const float* scale,
+                              int64_t n, int64_t valid, int64_t N, float* out) {
+  const int64_t groups = K / group;
+  for (int64_t c = 0; c < valid; ++c)
+    for (int m = 0; m < M; ++m) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.0f;
+        for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += kWeightOnlyStep) {
+          const int8_t* w = block + k0 * kBlock + c * kWeightOnlyStep;
+          const float* xm = x + m * K + k0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < kWeightOnlyStep; ++i) sum += static_cast<float>(w[i]) * xm[i];
+        }
+        total = groups == 1 ? sum * scale[n + c] : total + sum * scale[(n + c) * groups + g];
+      }
+      out[m * N + n + c] = total;
+    }
+}
+#endif
+
+// fp32 [M, N]: the weight-only product of 1 <= M <= 4 rows x (fp32 or bf16) and the packed int8 weight
+// (S = 16) of N outputs, with fp32 scales [N, K / group] (group = K: one scale per output channel).
+torch::Tensor weight_only(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                          int64_t N, int64_t group) {
+  check_common(x, packed, N, kWeightOnlyStep);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0 && group % kWeightOnlyStep == 0,
+              "the group size must divide K and be a multiple of 16");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * (K / group),
+              "scale must be contiguous fp32, one per output and group");
+  const auto rows = x.contiguous().to(torch::kFloat32);
+  const int64_t M = rows.size(0);
+  auto out = torch::empty({M, N}, rows.options());
+  const float* xp = rows.data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = b * kBlock, valid = std::min(kBlock, N - n);
+      const int8_t* block = wp + b * kBlock * K;
+      switch (M) {
+        case 1: weight_only_block<1>(xp, block, K, group, sp, n, valid, N, op); break;
+        case 2: weight_only_block<2>(xp, block, K, group, sp, n, valid, N, op); break;
+        case 3: weight_only_block<3>(xp, block, K, group, sp, n, valid, N, op); break;
+        default: weight_only_block<4>(xp, block, K, group, sp, n, valid, N, op); break;
+      }
+    }
+  });
+  return out;
+}
+
+#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
+// Integer sums of M rows of (activation + 128) bytes with the 4 channels of a block (S = 64); the + 128
+// is taken back out by the caller with each channel's weight sum.
+template <int M>
+inline void w8a8_block(const uint8_t* qx, const int8_t* block, int64_t K, int32_t* sums) {
+  __m512i acc[M][kBlock];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) acc[m][c] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += kW8A8Step) {
+    __m512i xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(qx + m * K + k);
+    for (int c = 0; c < kBlock; ++c) {
+      const __m512i wv = _mm512_loadu_si512(block + k * kBlock + c * kW8A8Step);
+      for (int m = 0; m < M; ++m) acc[m][c] = _mm512_dpbusd_epi32(acc[m][c], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) sums[m * kBlock + c] = _mm512_reduce_add_epi32(acc[m][c]);
+}
+#endif
+
+// fp32 [M, N]: the int8 mode's product (Int8Linear: quantize_rows, integer matmul, * weight scale, * row
+// scale) of 1 <= M <= 4 fp32 rows and the packed int8 weight (S = 64). `inv_smooth`: fp32 [K] or empty;
+// `weight_sums`: int32 [N], each output's weight sum (the VNNI loop's unsigned-activation correction).
+torch::Tensor w8a8(const torch::Tensor& x, const torch::Tensor& inv_smooth, const torch::Tensor& packed,
+                   const torch::Tensor& scale, const torch::Tensor& weight_sums, int64_t N) {
+  check_common(x, packed, N, kW8A8Step);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "w8a8 takes fp32 rows");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
+              "scale must be a contiguous fp32 [N] tensor");
+  TORCH_CHECK(weight_sums.scalar_type() == torch::kInt32 && weight_sums.numel() == N, "weight_sums must be int32 [N]");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const bool smooth = inv_smooth.numel() > 0;
+  TORCH_CHECK(!smooth || (inv_smooth.scalar_type() == torch::kFloat32 && inv_smooth.is_contiguous() &&
+                          inv_smooth.numel() == K), "inv_smooth must be a contiguous fp32 [K] tensor");
+  // Each row rounded to int8 as quantize_rows rounds it: x * inv_smooth, amax, / 127, x / scale rounded
+  // half to even (the default rounding mode, as torch.round).
+  std::vector<float> smoothed(M * K), row_scale(M);
+  std::vector<int8_t> q(M * K);
+  const float* xp = xc.data_ptr<float>();
+  const float* inv = smooth ? inv_smooth.data_ptr<float>() : nullptr;
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = smooth ? xp[m * K + k] * inv[k] : xp[m * K + k];
+      smoothed[m * K + k] = v;
+      amax = std::max(amax, std::fabs(v));
+    }
+    row_scale[m] = std::max(amax, 1e-12f) / 127.0f;
+    for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<int8_t>(std::nearbyint(smoothed[m * K + k] / row_scale[m]));
+  }
+  auto out = torch::empty({M, N}, xc.options());
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int32_t* wsum = weight_sums.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
+  std::vector<uint8_t> shifted(M * K);
+  for (int64_t i = 0; i < M * K; ++i) shifted[i] = static_cast<uint8_t>(static_cast<int32_t>(q[i]) + 128);
+#endif
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, kGrain, [&](int64_t begin, int64_t end) {
+    int32_t sums[kMaxRows * kBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = b * kBlock, valid = std::min(kBlock, N - n);
+      const int8_t* block = wp + b * kBlock * K;
+#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
+      switch (M) {
+        case 1: w8a8_block<1>(shifted.data(), block, K, sums); break;
+        case 2: w8a8_block<2>(shifted.data(), block, K, sums); break;
+        case 3: w8a8_block<3>(shifted.data(), block, K, sums); break;
+        default: w8a8_block<4>(shifted.data(), block, K, sums); break;
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < valid; ++c) sums[m * kBlock + c] -= 128 * wsum[n + c];
+#else
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < valid; ++c) {
+          int32_t dot = 0;
+          for (int64_t k0 = 0; k0 < K; k0 += kW8A8Step) {
+            const int8_t* w = block + k0 * kBlock + c * kW8A8Step;
+            const int8_t* qm = q.data() + m * K + k0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < kW8A8Step; ++i) dot += static_cast<int32_t>(w[i]) * static_cast<int32_t>(qm[i]);
+          }
+          sums[m * kBlock + c] = dot;
+        }
+#endif
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < valid; ++c)
+          op[m * N + n + c] = (static_cast<float>(sums[m * kBlock + c]) * sp[n + c]) * row_scale[m];
+    }
+  });
+  return out;
+}
+
+// Which loops this build has: in the log line and the tests.
+std::string isa() {
+#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
+  return "avx512+vnni";
+#elif defined(CONVEYOR_AVX512)
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("weight_only", &weight_only, "fp32 x @ (packed int8 weight * group scales).T for 1-4 rows");
+  m.def("w8a8", &w8a8, "the int8 mode's product (rows rounded to int8) for 1-4 rows");
+  m.def("isa", &isa, "the vector loops this build has");
+  m.attr("MAX_ROWS") = kMaxRows;
+  m.attr("WEIGHT_ONLY_STEP") = kWeightOnlyStep;
+  m.attr("W8A8_STEP") = kW8A8Step;
+}
