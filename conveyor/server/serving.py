@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 
 from conveyor import __version__
-from conveyor.config import EngineConfig
+from conveyor.config import KERNELS_REVISION, EngineConfig
 from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.engine.parallel_sampling import ParentRequest
 from conveyor.outputs import RequestOutput
@@ -249,7 +249,7 @@ KEEPALIVE_EVENT = ": keep-alive\n\n"  # an SSE comment: clients skip it
 def system_fingerprint(config: EngineConfig) -> str:
     """What decides the outputs besides the request: conveyor's version, the model and its numerics."""
     key = (f"{__version__} {config.model} {config.dtype} {config.quantization} {config.linear_kernel} "
-           f"{config.attention_kernel} {config.elementwise_kernel}")
+           f"{config.attention_kernel} {config.elementwise_kernel} {KERNELS_REVISION}")
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 

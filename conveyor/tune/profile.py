@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from conveyor.cache import atomic_write_path, cache_dir, file_fingerprint
-from conveyor.config import EngineConfig, ModelConfig, available_cpu_count
+from conveyor.config import KERNELS_REVISION, EngineConfig, ModelConfig, available_cpu_count
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.request import Request
 from conveyor.model.loader import resolve_model_path
@@ -103,7 +103,7 @@ def profile_key(config: EngineConfig) -> dict:
     return {"model": Path(model_path).name, "model_fingerprint": file_fingerprint(model_file),
             "dtype": dtype, "quantization": quantization,
             "linear_kernel": config.linear_kernel, "attention_kernel": config.attention_kernel,
-            "elementwise_kernel": config.elementwise_kernel,
+            "elementwise_kernel": config.elementwise_kernel, "kernels_revision": KERNELS_REVISION,
             "num_threads": config.num_threads or available_cpu_count(), "machine": _machine(),
             "cost_features": len(FEATURES)}  # a profile fit on other features is measured again
 
