@@ -13,7 +13,7 @@ from conveyor.server.step_stream import StepStream
 
 def _step(index: int, finished: list[str] | None = None) -> StepStats:
     return StepStats(step_index=index, start_time=10.0 + index, duration=0.5, prepare_seconds=0.1,
-                     forward_seconds=0.3, sample_seconds=0.05, scheduled=[ScheduledEntry("r", 1, "decode")],
+                     forward_seconds=0.3, sample_seconds=0.05, scheduled=[ScheduledEntry("r", 1, "decode", 40, True)],
                      num_generation_tokens=1, num_running=1, num_waiting=2, kv_blocks_used=3, kv_blocks_total=8,
                      finished=finished or [])
 
@@ -75,6 +75,7 @@ def test_an_event_is_the_step_and_its_requests() -> None:
     payload = json.loads(text.split("data: ", 1)[1])
     assert payload["kv"] == {"used": 3, "cached": 0, "free": 5, "total": 8}
     assert payload["cells"] == [["r", 2]] and payload["finished"] == ["r"]
+    assert payload["rows"] == [[40, 1, True]]  # the shape `conveyor tune` prices
     assert abs(payload["overhead"] - 0.15) < 1e-9 and payload["time"] == 14.5
     update = payload["updates"][0]
     assert (update["prompt_tokens"], update["generated_tokens"], update["finish_reason"]) == (3, 3, "length")

@@ -39,6 +39,7 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     overhead = profile.server_overhead
     assert overhead is not None and 0.2 < overhead.step_factor < 5 and overhead.request_seconds >= 0
     assert len(overhead.details["ttft_measured"]) >= 8 and len(profile.steps) == profile.num_steps
+    assert overhead.details["served_steps"] >= 8  # read from the server's step stream while it served them
     again, again_path, measured_again = load_or_profile(config, TINY_PLAN, tmp_path)
     assert (again_path, measured_again, again.cost_model) == (path, False, profile.cost_model)
     assert again.server_overhead == overhead

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
-from conveyor.tune.cost_model import ServerOverhead
-from conveyor.tune.overhead import at_rate, fit_overhead
+from conveyor.tune.cost_model import RowShape, ServerOverhead
+from conveyor.tune.overhead import at_rate, fit_overhead, fit_request_seconds, fit_step_cost
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -162,6 +163,45 @@ def test_the_overhead_fit_never_subtracts_time_per_request() -> None:
     overhead = fit_overhead(measured, lambda factor, delay: [(0.1 + delay, [0.02 * factor] * 2),
                                                             (0.1 + delay, [0.02 * factor])])
     assert overhead.request_seconds == 0.0 and overhead.step_factor == pytest.approx(1.0)
+
+
+def _served_steps(factor: float, row_seconds: float, seed: int = 0) -> list[tuple[list[RowShape], float]]:
+    """Steps of a W2-like served run: decode batches of 1..16 rows, prompt chunks alone and beside decodes;
+    each takes `factor` x the model's price + `row_seconds` per sampled row, with 2% noise."""
+    rng = np.random.default_rng(seed)
+    steps = []
+    for _ in range(300):
+        rows = [RowShape(int(rng.integers(32, 600)), 1, True) for _ in range(int(rng.integers(0, 17)))]
+        if not rows or rng.random() < 0.3:
+            rows.append(RowShape(0, int(rng.integers(16, 257)), bool(rng.random() < 0.7)))
+        seconds = factor * _ten_ms_plus_one_per_token(rows) + row_seconds * sum(row.samples for row in rows)
+        steps.append((rows, seconds * float(rng.normal(1.0, 0.02))))
+    return steps
+
+
+def test_the_step_fit_recovers_a_known_factor_and_per_row_cost_from_served_steps() -> None:
+    factor, row_seconds, details = fit_step_cost(_served_steps(1.1, 0.0005), _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.1, rel=0.03)
+    assert row_seconds == pytest.approx(0.0005, rel=0.2)
+    assert details["served_steps"] == 300 and details["step_miss_both"] < details["step_miss_alone"]
+    rows = [RowShape(100, 1, True), RowShape(0, 64, False)]
+    served = ServerOverhead(0.0, factor, row_seconds=row_seconds).scale(_ten_ms_plus_one_per_token)
+    assert served(rows) == pytest.approx(factor * _ten_ms_plus_one_per_token(rows) + row_seconds)
+
+
+def test_the_step_fit_keeps_one_factor_when_rows_cost_nothing_extra_and_ignores_stalls() -> None:
+    steps = _served_steps(1.2, 0.0)
+    # another process took the core during a tenth of the steps: they ran three times as long
+    steps = [(rows, 3 * seconds if index % 10 == 0 else seconds) for index, (rows, seconds) in enumerate(steps)]
+    factor, row_seconds, _ = fit_step_cost(steps, _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.2, rel=0.03)
+    assert row_seconds == pytest.approx(0.0, abs=0.0002)
+
+
+def test_the_per_request_seconds_are_the_median_ttft_residual_never_negative() -> None:
+    assert fit_request_seconds([0.3, 0.32, 0.5], lambda delay: [0.2 + delay, 0.2 + delay, 0.2 + delay]) == \
+        pytest.approx(0.12)
+    assert fit_request_seconds([0.1, 0.1], lambda delay: [0.2 + delay, 0.2 + delay]) == 0.0
 
 
 def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_run() -> None:

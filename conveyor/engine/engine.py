@@ -175,5 +175,5 @@ class LLMEngine:
 
 
 def _entries(output: SchedulerOutput) -> list[ScheduledEntry]:
-    return [ScheduledEntry(s.request_id, s.num_new_tokens, "decode" if s.is_decode else "prefill")
+    return [ScheduledEntry(s.request_id, s.num_new_tokens, "decode" if s.is_decode else "prefill", s.start, s.samples)
             for s in output.scheduled]

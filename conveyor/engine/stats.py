@@ -14,6 +14,8 @@ class ScheduledEntry:
     request_id: str
     num_tokens: int
     kind: str  # "prefill" (a prompt chunk or a recompute) or "decode"
+    start: int = 0  # tokens already in the cache before this step
+    samples: bool = False  # the step samples this request's next token
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ def step_payload(stats: StepStats, outputs: list[RequestOutput]) -> dict[str, An
         "kv": {"used": stats.kv_blocks_used, "cached": stats.kv_blocks_cached, "free": stats.kv_blocks_free,
                "total": stats.kv_blocks_total},
         "cells": step_cells(stats), "finished": stats.finished,
+        # each scheduled row's shape, [start, new tokens, samples], in batch order: what `conveyor tune` prices
+        "rows": [[e.start, e.num_tokens, e.samples] for e in stats.scheduled],
         "updates": [_request_update(output) for output in outputs],
     }
 

@@ -14,6 +14,7 @@ import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conveyor.bench.cli import (
     add_chat_workload_args,
@@ -22,6 +23,9 @@ from conveyor.bench.cli import (
     workload_from_args,
 )
 from conveyor.config import EngineConfig
+
+if TYPE_CHECKING:
+    from conveyor.tune.cost_model import ServerOverhead
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -46,8 +50,8 @@ def _tune(args: argparse.Namespace) -> int:
           f"{100 * error['mean']:.1f}%, p50 {100 * error['p50']:.1f}%, p90 {100 * error['p90']:.1f}%; identical steps "
           f"differ by {100 * error.get('repeat_noise', 0.0):.1f}% on average", flush=True)
     if profile.server_overhead:
-        print(f"server overhead (measured against conveyor serve): steps x{profile.server_overhead.step_factor:.3f}, "
-              f"{1000 * profile.server_overhead.request_seconds:.1f} ms per request", flush=True)
+        print(f"server overhead (measured against conveyor serve): {_overhead_text(profile.server_overhead)}",
+              flush=True)
 
     overhead = profile.server_overhead
     if args.validate and not measured and not args.no_speed_check:
@@ -55,8 +59,7 @@ def _tune(args: argparse.Namespace) -> int:
         # the server's share of the cores moves with it, so both are measured again, on a served run.
         overhead = measure_server_overhead(base, resolve_model_path(base.model), profile.model_config,
                                            profile.cost_model)
-        print(f"server overhead now (measured again against conveyor serve): steps x{overhead.step_factor:.3f}, "
-              f"{1000 * overhead.request_seconds:.1f} ms per request", flush=True)
+        print(f"server overhead now (measured again against conveyor serve): {_overhead_text(overhead)}", flush=True)
     workload = _workload(args, base)
     tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,
                   overhead)
@@ -172,3 +175,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     trace.add_argument("trace_file")
     _add_common_args(trace)
 
+
+def _overhead_text(overhead: ServerOverhead) -> str:
+    text = (f"steps x{overhead.step_factor:.3f} + {1000 * overhead.row_seconds:.2f} ms per sampled row, "
+            f"{1000 * overhead.request_seconds:.1f} ms per request")
+    details = overhead.details or {}
+    if "factor_by_requests" in details:
+        text += (f" (from {details['served_steps']} served steps; the factor alone x{details['step_factor_alone']:.3f}, "
+                 f"by request timings x{details['factor_by_requests']:.3f})")
+    return text

@@ -4,26 +4,32 @@ The profile times steps of an in-process engine. Behind `conveyor serve` the sam
 cores with the event loop (HTTP, JSON, detokenizing, one SSE chunk per token), and each request spends
 time outside the engine before its first token reaches the client. Both are measured here once, on the
 regime they matter in: a real server of the base configuration gets a short W2-like run (W1's lengths,
-Poisson arrivals) at a moderate load, half of what the simulation says the configuration can carry, and
-the same requests at the same arrival times are simulated. The step factor is the median, over the
-requests, of measured over simulated time from first to last token; the per-request overhead is the
-median of what is left of each request's measured TTFT after its simulated one. The two are refit together
-(each changes the other's queueing) until they settle.
+Poisson arrivals) at a moderate load, half of what the simulation says the configuration can carry.
+While it runs, the server's own step stream (`GET /v1/engine/steps`, what the dashboard reads) gives
+every served step's shape and duration, and the step cost is fit on those directly: a factor on the cost
+model's price of the same shape plus a time per row the step samples (a token the event loop streams),
+by least absolute relative error (the median's regression: a few steps slowed by another process do not
+set it). The per-request overhead is then the median of what is left of each request's measured TTFT
+after its simulated one (the same requests at the same arrival times, with the fitted step cost).
 
 (A first version fit them on short bursts to an idle server: a lone request there pays an idle server's
-wake-up and a slow moment of the machine in full, and the per-request figure came out ten times what a
-loaded server pays; see docs/tuning.md.)
+wake-up and a slow moment of the machine in full. A second fit the step factor on the requests' measured
+over simulated streaming times, one factor from the decode-heavy steps that also priced the prompt-heavy
+ones; see docs/tuning.md.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from conveyor.bench.serve import (
@@ -34,7 +40,7 @@ from conveyor.bench.serve import (
     stream_request,
 )
 from conveyor.config import EngineConfig, ModelConfig
-from conveyor.tune.cost_model import CostModel, ServerOverhead
+from conveyor.tune.cost_model import CostModel, RowShape, ServerOverhead
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate
 from conveyor.tune.simulator import SimRequest, simulate
@@ -44,8 +50,11 @@ logger = logging.getLogger(__name__)
 NUM_REQUESTS = 24
 LOAD_SHARE = 0.5  # of the simulated capacity (all requests at once): a moderate load
 FIT_ROUNDS = 4
+L1_ROUNDS = 30  # iteratively reweighted least squares toward the least absolute relative error
 # What a request is: (ttft, itls) in seconds, measured or simulated.
 Timings = list[tuple[float, list[float]]]
+# A served step: its rows and its duration in seconds.
+Step = tuple[list[RowShape], float]
 
 
 def overhead_requests(model: ModelConfig, max_model_len: int, num_requests: int = NUM_REQUESTS,
@@ -72,14 +81,16 @@ def at_rate(requests: list[SimRequest], rate: float, seed: int = 0) -> list[SimR
 
 def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelConfig, cost_model: CostModel,
                             num_requests: int = NUM_REQUESTS, seed: int = 0) -> ServerOverhead:
-    """Serve `config` for real, send a short W2-like run at a moderate load, and fit against its simulation."""
+    """Serve `config` for real, send a short W2-like run at a moderate load while reading the server's
+    steps; fit the step cost on them, then the per-request seconds against the run's simulation."""
     from conveyor.tune.validate import serving
 
     resolved = config.resolved(model_path, model)
     requests = overhead_requests(model, resolved.max_model_len or 2048, num_requests, seed)
 
-    def simulated(timed: list[SimRequest], factor: float, delay: float) -> Timings:
-        run = simulate(resolved, lambda rows: factor * cost_model.step_seconds(rows), timed, admission_delay=delay)
+    def simulated(timed: list[SimRequest], step_seconds: Callable[[Sequence[RowShape]], float],
+                  delay: float) -> Timings:
+        run = simulate(resolved, step_seconds, timed, admission_delay=delay)
         by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
         return [by_id[r.request_id] for r in timed]
 
@@ -88,11 +99,68 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
     timed = at_rate(requests, rate, seed)
     with tempfile.TemporaryDirectory(prefix="conveyor-overhead-") as work_dir:
         with serving(config_file_values(config, Candidate.of(config)), Path(work_dir)) as base_url:
-            measured = asyncio.run(_send(base_url, timed))
-    overhead = fit_overhead([(r.ttft, r.itls) for r in measured], lambda f, d: simulated(timed, f, d))
-    details = dict(overhead.details or {}, rate=rate, prompt_lens=[len(r.prompt_token_ids) for r in timed],
-                   output_lens=[r.output_len for r in timed], arrivals=[r.arrival_time for r in timed])
-    return ServerOverhead(overhead.request_seconds, overhead.step_factor, details)
+            measured, steps = asyncio.run(_send(base_url, timed))
+    if not steps:
+        raise RuntimeError("measuring the server overhead: the server's step stream (/v1/engine/steps) sent no step")
+    factor, row_seconds, step_details = fit_step_cost(steps, cost_model.step_seconds)
+    step_cost = ServerOverhead(0.0, factor, row_seconds=row_seconds).scale(cost_model.step_seconds)
+    timings = [(r.ttft, r.itls) for r in measured]
+    delay = fit_request_seconds([t for t, _ in timings], lambda d: [t for t, _ in simulated(timed, step_cost, d)])
+    # The request-timing fit (the factor before 2026-11-26 09:30), kept in the details to compare with.
+    by_requests = fit_overhead(timings, lambda f, d: simulated(timed, lambda rows: f * cost_model.step_seconds(rows), d))
+    simulated_now = simulated(timed, step_cost, delay)
+    details = dict(step_details, rate=rate, prompt_lens=[len(r.prompt_token_ids) for r in timed],
+                   output_lens=[r.output_len for r in timed], arrivals=[r.arrival_time for r in timed],
+                   ttft_measured=[t for t, _ in timings], ttft_simulated=[t for t, _ in simulated_now],
+                   itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
+                   factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
+    logger.info("server overhead from %d served steps: x%.3f + %.2f ms per sampled row, %.1f ms per request "
+                "(by request timings: x%.3f, %.1f ms)", len(steps), factor, 1000 * row_seconds, 1000 * delay,
+                by_requests.step_factor, 1000 * by_requests.request_seconds)
+    return ServerOverhead(delay, factor, details, row_seconds)
+
+
+def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]) -> tuple[float, float, dict]:
+    """(step factor, seconds per sampled row, details) so that a served step takes `factor x price(rows) +
+    row_seconds x sampled rows`, by least absolute relative error (iteratively reweighted least squares),
+    both terms non-negative. The per-row term is kept only if it lowers the median miss of the factor alone
+    (the median step's served over priced time): the data must support it."""
+    prices = np.array([price(rows) for rows, _ in steps])
+    sampled = np.array([sum(1 for row in rows if row.samples) for rows, _ in steps], dtype=float)
+    seconds = np.array([s for _, s in steps], dtype=float)
+    usable = (prices > 0) & (seconds > 0)
+    prices, sampled, seconds = prices[usable], sampled[usable], seconds[usable]
+    alone = float(np.median(seconds / prices))
+    miss_alone = float(np.median(np.abs(alone * prices - seconds) / seconds))
+    features = np.stack([prices, sampled], axis=1) / seconds[:, None]  # relative error: targets of 1
+    scale = np.maximum(features.max(axis=0), 1e-12)
+    weights = np.ones(len(seconds))
+    solution = np.array([alone, 0.0])
+    for _ in range(L1_ROUNDS):
+        fitted, *_ = np.linalg.lstsq(features / scale * weights[:, None], weights, rcond=None)
+        solution = fitted / scale
+        weights = 1.0 / np.sqrt(np.maximum(np.abs(features @ solution - 1.0), 1e-4))
+    miss_both = float(np.median(np.abs(features @ solution - 1.0)))
+    use_both = bool(solution.min() >= 0 and miss_both < miss_alone)
+    factor, row_seconds = (float(solution[0]), float(solution[1])) if use_both else (alone, 0.0)
+    details = {"served_steps": int(len(seconds)), "step_factor_alone": alone, "step_miss_alone": miss_alone,
+               "step_fit_both": [float(solution[0]), float(solution[1])], "step_miss_both": miss_both}
+    return factor, row_seconds, details
+
+
+def fit_request_seconds(measured_ttfts: Sequence[float], simulate_ttfts: Callable[[float], list[float]],
+                        rounds: int = FIT_ROUNDS) -> float:
+    """The per-request seconds: the median of measured minus simulated TTFT (never below 0), refit a few
+    rounds (a later admission moves the queueing the next request sees)."""
+    delay = 0.0
+    for _ in range(rounds):
+        residuals = [m - s for m, s in zip(measured_ttfts, simulate_ttfts(delay))]
+        delay = max(0.0, delay + float(np.median(residuals)))
+    return delay
+
+
+def _mean_itl(timings: Timings) -> float:
+    return sum(sum(itls) for _, itls in timings) / max(1, sum(len(itls) for _, itls in timings))
 
 
 def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timings],
@@ -120,9 +188,13 @@ def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timi
     return ServerOverhead(delay, float(factor), details)
 
 
-async def _send(base_url: str, requests: list[SimRequest]) -> list[RequestResult]:
-    """Each request at its arrival time (seconds after the first), streamed; a failure is an error."""
+async def _send(base_url: str, requests: list[SimRequest]) -> tuple[list[RequestResult], list[Step]]:
+    """Each request at its arrival time (seconds after the first), streamed, while the server's step stream
+    is read; a failure is an error. Returns the requests' results and the served steps."""
     async with benchmark_client(ServeSettings(base_url=base_url)) as client:
+        steps: list[Step] = []
+        watcher = asyncio.ensure_future(_read_steps(client, steps))
+        await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
         started = time.perf_counter()
 
         async def one(request: SimRequest) -> RequestResult:
@@ -136,4 +208,21 @@ async def _send(base_url: str, requests: list[SimRequest]) -> list[RequestResult
                 raise RuntimeError(f"measuring the server overhead: a request failed: {result.error}")
             return result
 
-        return list(await asyncio.gather(*(one(request) for request in requests)))
+        results = list(await asyncio.gather(*(one(request) for request in requests)))
+        await asyncio.sleep(0.5)  # the stream flushes every 0.1 s: the last steps arrive
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        return results, steps
+
+
+async def _read_steps(client: httpx.AsyncClient, steps: list[Step]) -> None:
+    """Append every step of the server's step stream (rows and duration) until cancelled."""
+    async with client.stream("GET", "/v1/engine/steps") as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"measuring the server overhead: /v1/engine/steps answered HTTP {response.status_code}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                step = json.loads(line[len("data: "):])
+                steps.append(([RowShape(start, num_new, bool(samples)) for start, num_new, samples in step["rows"]],
+                              float(step["duration"])))
