@@ -119,22 +119,23 @@ def test_the_tuner_applies_the_server_overhead() -> None:
     assert after["ttft_s"]["p50"] == pytest.approx(1.2 * before["ttft_s"]["p50"] + 0.05, rel=1e-6)
 
 
+def _served_timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:
+    """Per-request (TTFT, ITLs) of 12 requests at a load where they queue and share steps, from a "server"
+    whose steps take `factor` times the cost model's time and whose requests reach the engine `delay` late."""
+    config = _config(max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=256, max_model_len=128)
+    requests = at_rate([SimRequest(str(i), 0.0, list(range(100, 100 + 8 + 3 * i)), 4 + i % 5) for i in range(12)],
+                       rate=20.0)
+    run = simulate(config, lambda rows: factor * _ten_ms_plus_one_per_token(rows), requests, admission_delay=delay)
+    by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
+    return [by_id[r.request_id] for r in requests]
+
+
 def test_the_overhead_fit_recovers_a_known_factor_and_delay_under_load() -> None:
     # A "server" whose steps take 1.25x the cost model's time and whose requests reach the engine 80 ms after
     # they are sent, at a load where requests queue and share steps: the fit finds both from the per-request
     # timings, though each one changes the queueing the other sees.
-    config = _config(max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=256, max_model_len=128)
-    requests = at_rate([SimRequest(str(i), 0.0, list(range(100, 100 + 8 + 3 * i)), 4 + i % 5) for i in range(12)],
-                       rate=20.0)
-
-    def timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:
-        run = simulate(config, lambda rows: factor * _ten_ms_plus_one_per_token(rows), requests,
-                       admission_delay=delay)
-        by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
-        return [by_id[r.request_id] for r in requests]
-
-    measured = timings(1.25, 0.08)
-    overhead = fit_overhead(measured, timings)
+    measured = _served_timings(1.25, 0.08)
+    overhead = fit_overhead(measured, _served_timings)
     assert overhead.step_factor == pytest.approx(1.25, rel=0.02)
     assert overhead.request_seconds == pytest.approx(0.08, abs=0.005)
     assert len(overhead.details["ttft_measured"]) == len(overhead.details["ttft_simulated"]) == 12
@@ -143,19 +144,9 @@ def test_the_overhead_fit_recovers_a_known_factor_and_delay_under_load() -> None
 def test_a_slow_moment_of_the_machine_does_not_set_the_overhead() -> None:
     # The same server, but another process slowed the machine while a quarter of the requests streamed:
     # their tokens took twice as long. The factor is the median request's: still the server's 1.25.
-    config = _config(max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=256, max_model_len=128)
-    requests = at_rate([SimRequest(str(i), 0.0, list(range(100, 100 + 8 + 3 * i)), 4 + i % 5) for i in range(12)],
-                       rate=20.0)
-
-    def timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:
-        run = simulate(config, lambda rows: factor * _ten_ms_plus_one_per_token(rows), requests,
-                       admission_delay=delay)
-        by_id = {r.request.request_id: (r.ttft, r.itls) for r in run.results}
-        return [by_id[r.request_id] for r in requests]
-
     measured = [(ttft, [2 * itl for itl in itls]) if index % 4 == 0 else (ttft, itls)
-                for index, (ttft, itls) in enumerate(timings(1.25, 0.08))]
-    assert fit_overhead(measured, timings).step_factor == pytest.approx(1.25, rel=0.03)
+                for index, (ttft, itls) in enumerate(_served_timings(1.25, 0.08))]
+    assert fit_overhead(measured, _served_timings).step_factor == pytest.approx(1.25, rel=0.03)
 
 
 def test_the_overhead_fit_never_subtracts_time_per_request() -> None:

@@ -293,29 +293,28 @@ class _Calibration:
             self.drain()
 
     def run_mixed(self, decode_counts: tuple[int, ...], chunk_sizes: tuple[int, ...], context: int) -> None:
-        block = self.engine.config.block_size
         shared = self._tokens(min(context // 2, self.limit))
         for decodes in decode_counts:
             for size in chunk_sizes:
-                for _ in range(decodes):
-                    self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
-                for _ in range(3):  # prefill and reach decoding
-                    self.step()
-                self.add(self._tokens(size), 2)
-                self.drain()
+                self._join_decodes(decodes, shared, [], size)
 
     def run_turns(self, decode_counts: tuple[int, ...], prefixes: tuple[int, ...], chunk_sizes: tuple[int, ...]) -> None:
         """A chat's next turn joining running chats: `decodes` rows decode at about `prefix` tokens of
         context (all but their last block shared, as in `run_decodes`), then a request whose prompt is the
         shared prefix (cached) plus `size` new tokens joins them."""
-        block = self.engine.config.block_size
         for prefix in prefixes:
             shared = self._tokens(min(prefix, self.limit - max(chunk_sizes)))
             for decodes in decode_counts:
                 for size in chunk_sizes:
-                    for _ in range(decodes):
-                        self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
-                    for _ in range(3):  # prefill and reach decoding
-                        self.step()
-                    self.add(shared + self._tokens(size), 2)
-                    self.drain()
+                    self._join_decodes(decodes, shared, shared, size)
+
+    def _join_decodes(self, decodes: int, shared: list[int], head: list[int], size: int) -> None:
+        """`decodes` rows decoding on `shared` (all but their last block), then a request of `head` plus
+        `size` new tokens joining them, run to the end."""
+        block = self.engine.config.block_size
+        for _ in range(decodes):
+            self.add(shared[:-block] + self._tokens(block), DECODE_STEPS + 2)
+        for _ in range(3):  # prefill and reach decoding
+            self.step()
+        self.add(head + self._tokens(size), 2)
+        self.drain()
