@@ -111,6 +111,8 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     rows = result["validation"]["rows"]
     assert len(rows) == 2 and all(row["measured"]["completed"] == 6 for row in rows)
     assert "SLO met" in printed and all(isinstance(row["measured_meets_slo"], bool) for row in rows)
+    # the servers' own steps were read during each run, and the prediction re-made at their speed
+    assert "at run speed" in printed and all(row["run_step_factor"] > 0 for row in rows)
     assert result["validation"]["recommended"] == result["recommended"]
 
 

@@ -15,7 +15,9 @@ from conveyor.tune.overhead import at_rate, fit_overhead, fit_request_seconds, f
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
+    at_the_runs_speed,
     beats_measured,
+    format_comparison,
     ranking_report,
     validate,
     validated_score,
@@ -117,6 +119,28 @@ def test_the_tuner_applies_the_server_overhead() -> None:
     _, after = served.run(SMALL, 0.1)
     assert after["itl_s"]["p50"] == pytest.approx(1.2 * before["itl_s"]["p50"])
     assert after["ttft_s"]["p50"] == pytest.approx(1.2 * before["ttft_s"]["p50"] + 0.05, rel=1e-6)
+
+
+def test_the_prediction_at_the_runs_speed_uses_the_step_cost_of_the_runs_own_steps() -> None:
+    # The served steps took 1.3x their price (the model's step factor says 1.1): the account of the error
+    # re-simulates with 1.3 and the same time per request, which is what a tuner built that way predicts.
+    workload = w2_workload(w1_requests(seed=1, num_requests=8, max_output=16), burstiness=1.0, seed=1)
+    tuner = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(), ServerOverhead(0.05, 1.1))
+    run, _ = tuner.run(SMALL, 0.5)
+    steps = [([RowShape(0, 5, True), RowShape(30, 1, True)], 0.0), ([RowShape(64, 1, True)], 0.0)] * 20
+    steps = [(rows, 1.3 * COST.step_seconds(rows)) for rows, _ in steps]
+    account = at_the_runs_speed(tuner, SMALL, 0.5, steps)
+    assert account["run_step_factor"] == pytest.approx(1.3)
+    assert account["predicted_step_factor"] == pytest.approx(1.1)
+    _, expected = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(), ServerOverhead(0.05, 1.3)).run(SMALL, 0.5)
+    assert account["predicted_at_run_speed"]["ttft_s"] == pytest.approx(expected["ttft_s"])
+    assert account["predicted_at_run_speed"]["itl_s"]["p50"] > tuner.run(SMALL, 0.5)[1]["itl_s"]["p50"]
+    assert at_the_runs_speed(tuner, SMALL, 0.5, []) == {}  # no step stream: no account, the row as before
+    summary = {**_summary(1.0, 0.2, 0.5), "output_throughput": 10.0}
+    row = {"predicted": summary, "measured": summary, "predicted_meets_slo": True, "measured_meets_slo": True,
+           **account}
+    text = format_comparison(row)
+    assert "at run speed" in text and "x1.300 their price during the run, x1.100 in the prediction" in text
 
 
 def _served_timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:

@@ -26,7 +26,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -191,10 +191,7 @@ def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timi
 async def _send(base_url: str, requests: list[SimRequest]) -> tuple[list[RequestResult], list[Step]]:
     """Each request at its arrival time (seconds after the first), streamed, while the server's step stream
     is read; a failure is an error. Returns the requests' results and the served steps."""
-    async with benchmark_client(ServeSettings(base_url=base_url)) as client:
-        steps: list[Step] = []
-        watcher = asyncio.ensure_future(_read_steps(client, steps))
-        await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
+    async with benchmark_client(ServeSettings(base_url=base_url)) as client, served_steps(base_url) as steps:
         started = time.perf_counter()
 
         async def one(request: SimRequest) -> RequestResult:
@@ -209,18 +206,30 @@ async def _send(base_url: str, requests: list[SimRequest]) -> tuple[list[Request
             return result
 
         results = list(await asyncio.gather(*(one(request) for request in requests)))
-        await asyncio.sleep(0.5)  # the stream flushes every 0.1 s: the last steps arrive
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        return results, steps
+    return results, steps
+
+
+@contextlib.asynccontextmanager
+async def served_steps(base_url: str) -> AsyncIterator[list[Step]]:
+    """The steps a server runs while the block runs (rows and duration each), read from its step stream."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=None) as client:
+        steps: list[Step] = []
+        watcher = asyncio.ensure_future(_read_steps(client, steps))
+        await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
+        try:
+            yield steps
+            await asyncio.sleep(0.5)  # the stream flushes every 0.1 s: the last steps arrive
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def _read_steps(client: httpx.AsyncClient, steps: list[Step]) -> None:
     """Append every step of the server's step stream (rows and duration) until cancelled."""
     async with client.stream("GET", "/v1/engine/steps") as response:
         if response.status_code != 200:
-            raise RuntimeError(f"measuring the server overhead: /v1/engine/steps answered HTTP {response.status_code}")
+            raise RuntimeError(f"reading the served steps: /v1/engine/steps answered HTTP {response.status_code}")
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 step = json.loads(line[len("data: "):])

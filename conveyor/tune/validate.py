@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,6 +32,7 @@ from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, run_serve_benchmark
 from conveyor.config import EngineConfig
+from conveyor.tune.overhead import Step, fit_step_cost, served_steps
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
 from conveyor.tune.workloads import SimWorkload
@@ -81,14 +82,23 @@ def serving(config_values: dict, work_dir: Path) -> Iterator[str]:
 
 
 def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, rate: float,
-            settings: ServeSettings, work_dir: Path) -> dict:
-    """One real run of the workload at `rate` against a fresh server configured as `candidate`."""
+            settings: ServeSettings, work_dir: Path) -> tuple[dict, list[Step]]:
+    """One real run of the workload at `rate` against a fresh server configured as `candidate`: the
+    benchmark's summary, and the steps the server ran meanwhile."""
     with serving(config_file_values(base, candidate), work_dir) as base_url:
         run_settings = ServeSettings(base_url=base_url, request_rate=rate, burstiness=getattr(args, "burstiness", 1.0),
                                      seed=args.seed, slo_ttft=settings.slo_ttft, slo_tpot=settings.slo_tpot)
         if args.workload == "w2":
-            return asyncio.run(run_serve_benchmark(workload_from_args(args), run_settings))
-        return asyncio.run(run_chat_benchmark(conversations_from_args(args, rate), run_settings))
+            benchmark = run_serve_benchmark(workload_from_args(args), run_settings)
+        else:
+            benchmark = run_chat_benchmark(conversations_from_args(args, rate), run_settings)
+        return asyncio.run(_watched(base_url, benchmark))
+
+
+async def _watched(base_url: str, benchmark: Coroutine[Any, Any, dict]) -> tuple[dict, list[Step]]:
+    async with served_steps(base_url) as steps:
+        summary = await benchmark
+    return summary, steps
 
 
 def _wait_until_healthy(server: subprocess.Popen, base_url: str, log_path: Path) -> None:
@@ -138,11 +148,12 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
                     print(f"validating {candidate.label()} at {load:.3g} {workload.rate_unit} "
                           f"(round {round_index + 1})", flush=True)
                     _, predicted = tuner.run(candidate, load)
-                    measured = measure(args, base, candidate, load, tuner.settings, Path(work_dir))
+                    measured, steps = measure(args, base, candidate, load, tuner.settings, Path(work_dir))
                     rows.append({"candidate": candidate.settings(), "rate": load, "round": round_index,
                                  "predicted": predicted, "measured": measured,
                                  "predicted_meets_slo": tuner.slo.met_by_summary(predicted),
-                                 "measured_meets_slo": tuner.slo.met_by_summary(measured)})
+                                 "measured_meets_slo": tuner.slo.met_by_summary(measured),
+                                 **at_the_runs_speed(tuner, candidate, load, steps)})
                     print(format_comparison(rows[-1]), flush=True)
     scores = {c: validated_score(rows, c.settings(), "measured") for c in candidates}
     default_score = scores[default.candidate]
@@ -157,6 +168,19 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
             "reason": reason, "scores": [{"candidate": c.settings(), "measured": scores[c],
                                           "predicted": validated_score(rows, c.settings(), "predicted")}
                                          for c in candidates]}
+
+
+def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: list[Step]) -> dict:
+    """The prediction again with the step cost fit on the run's own served steps. The machine's speed drifts
+    by 5-10% within minutes here, more than the time between measuring the server overhead and a run: this
+    tells that drift (the step factor) from the simulator's own misses (queueing, batching, admission).
+    Not a prediction (it uses the measured steps' durations); an account of the error."""
+    if not steps:
+        return {}
+    factor, row_seconds, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
+    _, summary = tuner.at_step_cost(factor, row_seconds).run(candidate, load)
+    return {"run_step_factor": factor, "predicted_at_run_speed": summary,
+            "predicted_step_factor": tuner.overhead.step_factor}
 
 
 def validated_score(rows: list[dict], settings: dict, side: str) -> tuple[float, float]:
@@ -184,20 +208,32 @@ def describe_score(score: tuple[float, float]) -> str:
 
 
 def format_comparison(row: dict) -> str:
-    lines = [f"  {'':<10} {'predicted':>10} {'measured':>10} {'error':>7}"]
+    at_speed = row.get("predicted_at_run_speed")
+    lines = [f"  {'':<10} {'predicted':>10} {'measured':>10} {'error':>7}"
+             + (f"   {'at run speed':>12} {'error':>7}" if at_speed else "")]
     for name, key, percentile in METRICS:
         predicted = _value(row["predicted"], key, percentile)
         measured = _value(row["measured"], key, percentile)
-        error = (predicted - measured) / measured if measured else math.nan
         scale = 1000 if key.endswith("_s") else 1
-        lines.append(f"  {name:<10} {predicted * scale:10.1f} {measured * scale:10.1f} {100 * error:6.1f}%")
+        line = f"  {name:<10} {predicted * scale:10.1f} {measured * scale:10.1f} {_error(predicted, measured):>7}"
+        if at_speed:
+            again = _value(at_speed, key, percentile)
+            line += f"   {again * scale:12.1f} {_error(again, measured):>7}"
+        lines.append(line)
     if "measured_meets_slo" in row:
         lines.append(f"  {'SLO met':<10} {'yes' if row['predicted_meets_slo'] else 'no':>10} "
                      f"{'yes' if row['measured_meets_slo'] else 'no':>10}")
+    if at_speed:
+        lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
+                     f"x{row['predicted_step_factor']:.3f} in the prediction")
     if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
     return "\n".join(lines)
+
+
+def _error(predicted: float, measured: float) -> str:
+    return f"{100 * (predicted - measured) / measured:.1f}%" if measured else "n/a"
 
 
 def ranking_report(rows: list[dict], candidates: list[Candidate]) -> str:
