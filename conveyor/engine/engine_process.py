@@ -9,10 +9,11 @@ engine loop its main thread already.
 
 Only plain values cross the pipe: commands in (add, abort, call, stop), and back one message per step
 with every output of that step, each trimmed to what changed since the request's previous output
-(`outputs.OutputTrimmer`: the new tokens and text, not the prompt and everything so far again). `call` ships a function to run on the
-engine between two steps; the host picks how functions are pickled (`function_pickler`: Ray's cloudpickle
-for lambdas). The child exits when the pipe closes, so it never outlives its host; if it dies, every
-request in flight fails with `EngineDeadError` and `is_alive` turns false, for the host's health check.
+(`outputs.OutputTrimmer`: the new tokens and text, not the prompt and everything so far again). `call`
+ships a function to run on the engine between two steps; the host picks how functions are pickled
+(`function_pickler`: Ray's cloudpickle for lambdas). The child exits when the pipe closes, so it never
+outlives its host; if it dies, every request in flight fails with `EngineDeadError` and `is_alive` turns
+false, for the host's health check.
 """
 
 from __future__ import annotations
@@ -332,16 +333,19 @@ def _engine_main(conn: Connection) -> None:
             trimmers.clear()
             observe(queue_observer, engine.queue_stats())
             continue
+        for output in outputs:
+            if output.finished:
+                in_flight.discard(output.request_id)
         if outputs:
-            conn.send(("outputs", [_trim(output, trimmers, in_flight) for output in outputs]))
+            conn.send(("outputs", [_trim(output, trimmers) for output in outputs]))
         if stats is not None:
             observe(observer, stats, outputs)
             log.add(stats)
 
 
-def _trim(output: RequestOutput, trimmers: dict[str, OutputTrimmer], in_flight: set[str]) -> RequestOutput:
+def _trim(output: RequestOutput, trimmers: dict[str, OutputTrimmer]) -> RequestOutput:
+    """The output as it crosses the pipe; a finished request's trimmer goes with its last output."""
     if output.finished:
-        in_flight.discard(output.request_id)
         trimmer = trimmers.pop(output.request_id, None) or OutputTrimmer()
     else:
         trimmer = trimmers.get(output.request_id) or trimmers.setdefault(output.request_id, OutputTrimmer())
