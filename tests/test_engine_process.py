@@ -5,6 +5,7 @@ mid-request (requests fail with EngineDeadError, `is_alive` turns false, the hos
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import signal
@@ -20,7 +21,7 @@ from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.async_engine import AsyncLLM, EngineDeadError
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.engine_process import EngineProcess
-from conveyor.outputs import RequestOutput
+from conveyor.outputs import CompletionOutput, OutputRebuilder, OutputTrimmer, RequestOutput
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[1, 5, 6, 7], [1, 9, 9, 2, 3, 4, 8], [1, 30, 31]]
@@ -75,6 +76,52 @@ def test_same_tokens_as_async_llm_from_the_childs_main_thread(process: EnginePro
     assert remote == here and all(len(tokens) == 12 for tokens in remote)
     assert main_thread and pid == process.pid != os.getpid()
     assert process.is_alive
+
+
+async def _outputs(llm: EngineProcess | AsyncLLM, prompt: list[int], request_id: str,
+                   params: SamplingParams) -> list[RequestOutput]:
+    return [output async for output in llm.generate(prompt, params, request_id)]
+
+
+def _comparable(output: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(output, metrics=None)  # times differ from one run to the other
+
+
+def test_whole_outputs_cross_the_pipe_trimmed(process: EngineProcess, tiny_model_dirs: dict[str, Path]) -> None:
+    """The pipe carries each step's news only (`OutputTrimmer`); the host rebuilds every output as the
+    engine made it: text, token ids, logprobs, prompt logprobs, stop reasons, one step after another."""
+    local = AsyncLLM(LLMEngine(_config(tiny_model_dirs["llama"])))
+    cases = [(PROMPTS[0], GREEDY),
+             (PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2,
+                                         prompt_logprobs=1)),
+             (PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=0))]
+
+    async def main() -> tuple[list[list[RequestOutput]], list[list[RequestOutput]]]:
+        remote = await asyncio.gather(*(_outputs(process, p, str(i), params) for i, (p, params) in enumerate(cases)))
+        here = await asyncio.gather(*(_outputs(local, p, str(i), params) for i, (p, params) in enumerate(cases)))
+        return remote, here
+
+    try:
+        remote, here = asyncio.run(main())
+    finally:
+        local.shutdown()
+    assert [[_comparable(o) for o in outputs] for outputs in remote] == [
+        [_comparable(o) for o in outputs] for outputs in here]
+    with_logprobs = remote[1][-1]
+    assert len(with_logprobs.outputs[0].logprobs or []) == 10 and len(with_logprobs.prompt_logprobs or []) == 7
+    assert remote[0][-1].outputs[0].logprobs is None and remote[0][-1].prompt_logprobs is None
+
+
+def test_a_trimmed_output_carries_only_the_steps_news() -> None:
+    prompt = list(range(1000, 1300))
+    trimmer, rebuilder = OutputTrimmer(), OutputRebuilder()
+    whole = [RequestOutput("r", None, prompt, [CompletionOutput(0, "ab" * n, list(range(n)))], False,
+                           delta_text="ab", delta_token_ids=[n - 1]) for n in range(1, 200)]
+    trimmed = [trimmer.trim(output) for output in whole]
+    assert trimmed[0].prompt_token_ids == prompt and all(not t.prompt_token_ids for t in trimmed[1:])
+    assert all(not t.outputs[0].token_ids and not t.outputs[0].text for t in trimmed)
+    assert len(pickle.dumps(trimmed[-1])) == len(pickle.dumps(trimmed[1])) < len(pickle.dumps(whole[-1])) / 5
+    assert [rebuilder.rebuild(t) for t in trimmed] == whole
 
 
 def test_a_sink_takes_each_steps_outputs_at_once_and_the_stream_only_the_last(process: EngineProcess) -> None:

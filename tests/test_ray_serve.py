@@ -104,6 +104,18 @@ def test_same_api_as_conveyor_serve(base_url: str) -> None:
     chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
+    # Outputs reach the ingress trimmed to each step's news and are rebuilt there: logprobs, echoed prompt
+    # logprobs and stop strings come out whole.
+    scored = client.completions.create(**args, logprobs=2, echo=True)
+    assert len(scored.choices[0].logprobs.tokens) == scored.usage.prompt_tokens + 12
+    assert scored.choices[0].text.endswith(whole.choices[0].text)
+    streamed = [c for c in client.completions.create(**args, logprobs=2, stream=True) if c.choices]
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == 12
+    sampled = {**args, "max_tokens": 40, "temperature": 1.0, "seed": 5}  # greedy, the tiny model says only <pad>
+    text = client.completions.create(**sampled).choices[0].text
+    stop = text[len(text) // 2]
+    stopped = client.completions.create(**sampled, stop=[stop])
+    assert stopped.choices[0].text == text[:text.find(stop)] and stopped.choices[0].finish_reason == "stop"
     chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                           n=2, temperature=1.0, seed=3)
     assert len(chat.choices) == 2 and chat.usage.completion_tokens == 10

@@ -4,10 +4,12 @@ Serve handle (and so through the deployment's request router).
 
 Outputs do not come back on each request's own call: every replica keeps one stream to this pool
 (`EngineReplica.outputs`) carrying, one item an engine step, that step's outputs of all the pool's
-requests there, which the pool hands to each request's queue. A request's own call yields once (the
-replica's id, when its engine accepted it) and then only ends or fails. Serve's streaming is paid per
-step, not per request and token, and the call still counts as the request's load on its replica for the
-routers, and cancelling it still aborts the request.
+requests there, which the pool hands to each request's queue. Those outputs come trimmed to what each
+request got in that step (`outputs.OutputTrimmer`, in the engine process); each request makes its own
+whole again (`OutputRebuilder`) for the HTTP layer, which reads them as a local engine's. A request's own
+call yields once (the replica's id, when its engine accepted it) and then only ends or fails. Serve's
+streaming is paid per step, not per request and token, and the call still counts as the request's load
+on its replica for the routers, and cancelling it still aborts the request.
 
 Faults: a replica that dies while a request waits for its first output is not the client's problem: the
 request is sent again (the router has dropped the dead replica, or learns it now). Once an output has
@@ -40,7 +42,7 @@ from conveyor.distributed.router import ROUTERS
 from conveyor.engine.async_engine import EngineDeadError
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.structured_output import GrammarCompiler
-from conveyor.outputs import RequestOutput
+from conveyor.outputs import OutputRebuilder, RequestOutput
 from conveyor.sampling_params import SamplingParams
 from conveyor.server.app import build_app
 from conveyor.server.dashboard import (
@@ -207,6 +209,7 @@ class ReplicaPool:
     async def _iterate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         queue = self._queues[request_id]
+        rebuilder = OutputRebuilder()
         handed_on = finished = False
         try:
             while True:
@@ -228,7 +231,7 @@ class ReplicaPool:
                     await self._open(prompt_ids, params, request_id)
                     continue
                 handed_on = True
-                yield item
+                yield rebuilder.rebuild(item)
                 if item.finished:
                     finished = True
                     return

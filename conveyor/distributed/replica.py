@@ -72,8 +72,9 @@ class EngineReplica:
 
     async def outputs(self, client: str, target_replica: str | None = None) -> AsyncIterator[str | list[RequestOutput]]:
         """Every output of `client`'s requests on this replica, one item an engine step (all that step's
-        outputs): per request and token, Serve's streaming costs the ingress and this replica ~2 ms of
-        CPU (docs/scaling.md); per step it costs that once. The first item is this replica's id, as in
+        outputs, trimmed: the client rebuilds them, see `outputs.OutputTrimmer`): per request and token,
+        Serve's streaming costs the ingress and this replica ~2 ms of CPU (docs/scaling.md); per step it
+        costs that once. The first item is this replica's id, as in
         `steps`. One stream a client (the ingress replica), open for as long as the client lives."""
         own = replica_id()
         yield own

@@ -8,10 +8,12 @@ health checks, routing reports) off the engine's GIL. `conveyor serve` does not 
 engine loop its main thread already.
 
 Only plain values cross the pipe: commands in (add, abort, call, stop), and back one message per step
-with every output of that step (the outputs are plain dataclasses). `call` ships a function to run on the
-engine between two steps; the host picks how functions are pickled (`function_pickler`: Ray's cloudpickle
-for lambdas). The child exits when the pipe closes, so it never outlives its host; if it dies, every
-request in flight fails with `EngineDeadError` and `is_alive` turns false, for the host's health check.
+with every output of that step, each trimmed to what changed since the request's previous output
+(`outputs.OutputTrimmer`: the new tokens and text, not the prompt and everything so far again). `call`
+ships a function to run on the engine between two steps; the host picks how functions are pickled
+(`function_pickler`: Ray's cloudpickle for lambdas). The child exits when the pipe closes, so it never
+outlives its host; if it dies, every request in flight fails with `EngineDeadError` and `is_alive` turns
+false, for the host's health check.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from conveyor.engine.async_engine import (
     StepFailedError,
     StepObserver,
 )
-from conveyor.outputs import RequestOutput
+from conveyor.outputs import OutputRebuilder, OutputTrimmer, RequestOutput
 from conveyor.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -50,7 +52,8 @@ T = TypeVar("T")
 
 # Run in the child once the engine is built: the step and queue observers it should call (metrics...).
 EngineSetup = Callable[["LLMEngine"], tuple[StepObserver | None, QueueObserver | None]]
-# Takes one step's outputs of the requests added with it, in one call on the caller's event loop.
+# Takes one step's outputs of the requests added with it, in one call on the caller's event loop; they
+# come trimmed (`OutputTrimmer`): what a sink passes on, a reader makes whole with an `OutputRebuilder`.
 OutputSink = Callable[[list[RequestOutput]], None]
 
 
@@ -60,6 +63,7 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
     added: asyncio.Future[None]
     sink: OutputSink | None = None
+    rebuilder: OutputRebuilder | None = None  # without a sink: whole outputs, as AsyncLLM gives them
 
 
 class EngineProcess(OutputStreams):
@@ -117,10 +121,12 @@ class EngineProcess(OutputStreams):
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                           sink: OutputSink | None = None) -> AsyncIterator[RequestOutput]:
         """As AsyncLLM.add_request: ValueError here for impossible requests; closing the stream early aborts.
-        With a `sink`, every output goes to it, a step's outputs of all the requests sharing the sink in
-        one call, and the request's own stream yields only the last one (or raises its error)."""
+        With a `sink`, every output goes to it, trimmed, a step's outputs of all the requests sharing the
+        sink in one call, and the request's own stream yields only the last one, trimmed too (or raises
+        its error)."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future(), sink)
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future(), sink,
+                         None if sink is not None else OutputRebuilder())
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
@@ -241,7 +247,11 @@ class EngineProcess(OutputStreams):
                 pass
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None and (stream.sink is None or output.finished):
+            if stream is None:
+                continue
+            if stream.rebuilder is not None:
+                self._deliver(output.request_id, stream.rebuilder.rebuild(output))
+            elif output.finished:
                 self._deliver(output.request_id, output)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
@@ -290,6 +300,7 @@ def _engine_main(conn: Connection) -> None:
     conn.send(("ready", None))
     log = _StatsLog(log_interval)
     in_flight: set[str] = set()
+    trimmers: dict[str, OutputTrimmer] = {}  # a request's, from its first output to its last
 
     def observe(function: Callable[..., None] | None, *args: Any) -> None:
         if function is None:
@@ -306,7 +317,7 @@ def _engine_main(conn: Connection) -> None:
                 message = conn.recv()
                 if message[0] == "stop":
                     return
-                _handle(engine, conn, message, in_flight)
+                _handle(engine, conn, message, in_flight, trimmers)
             observe(queue_observer, engine.queue_stats())
             continue
         if idle:
@@ -319,19 +330,30 @@ def _engine_main(conn: Connection) -> None:
                 engine.abort_request(request_id)
             conn.send(("failed", sorted(in_flight), f"the engine step failed: {error!r}"))
             in_flight.clear()
+            trimmers.clear()
             observe(queue_observer, engine.queue_stats())
             continue
         for output in outputs:
             if output.finished:
                 in_flight.discard(output.request_id)
         if outputs:
-            conn.send(("outputs", outputs))
+            conn.send(("outputs", [_trim(output, trimmers) for output in outputs]))
         if stats is not None:
             observe(observer, stats, outputs)
             log.add(stats)
 
 
-def _handle(engine: LLMEngine, conn: Connection, message: tuple[Any, ...], in_flight: set[str]) -> None:
+def _trim(output: RequestOutput, trimmers: dict[str, OutputTrimmer]) -> RequestOutput:
+    """The output as it crosses the pipe; a finished request's trimmer goes with its last output."""
+    if output.finished:
+        trimmer = trimmers.pop(output.request_id, None) or OutputTrimmer()
+    else:
+        trimmer = trimmers.get(output.request_id) or trimmers.setdefault(output.request_id, OutputTrimmer())
+    return trimmer.trim(output)
+
+
+def _handle(engine: LLMEngine, conn: Connection, message: tuple[Any, ...], in_flight: set[str],
+            trimmers: dict[str, OutputTrimmer]) -> None:
     kind = message[0]
     if kind == "add":
         _, request_id, prompt, params = message
@@ -350,6 +372,7 @@ def _handle(engine: LLMEngine, conn: Connection, message: tuple[Any, ...], in_fl
     elif kind == "abort":
         engine.abort_request(message[1])  # frees its KV blocks now
         in_flight.discard(message[1])
+        trimmers.pop(message[1], None)
     elif kind == "call":
         _, call_id, function = message
         try:
