@@ -1,4 +1,4 @@
-"""Steps of 1-4 rows on int8 weights in C++ (conveyor.model.int8_gemv), against the torch/oneDNN paths."""
+"""Steps of 1-4 rows in C++ (conveyor.model.int8_gemv): int8 and bf16 weights, against the torch/oneDNN paths."""
 
 from __future__ import annotations
 
@@ -12,14 +12,28 @@ from safetensors.torch import load_file, save_file
 
 from conveyor import LLM, SamplingParams
 from conveyor.model import int8_gemv
-from conveyor.model.int8_gemv import LM_HEAD_GROUP, SmallRowLmHead, load_int8_gemv, lossless_groups, pack
-from conveyor.model.kernels import apply_linear_kernel
-from conveyor.model.quantization import Int8Linear, OneDNNInt8Linear
+from conveyor.model.int8_gemv import (
+    LM_HEAD_GROUP,
+    Bf16Rows,
+    SmallRowLmHead,
+    load_int8_gemv,
+    lossless_groups,
+    pack,
+)
+from conveyor.model.kernels import OneDNNLinear, apply_linear_kernel, onednn_unavailable_reason
+from conveyor.model.quantization import (
+    HighPrecisionLinear,
+    Int8Linear,
+    OneDNNInt8Linear,
+    high_precision_dtype,
+)
 from tests.conftest import TINY_ARCHITECTURES
 from tests.reference import assert_same_tokens_and_logprobs
 
 CPU = torch.device("cpu")
 needs_gemv = pytest.mark.skipif(load_int8_gemv()[0] is None, reason="the C++ kernel cannot be built here")
+needs_onednn_bf16 = pytest.mark.skipif(onednn_unavailable_reason(CPU, torch.bfloat16) is not None,
+                                       reason="oneDNN's bf16 linear (the reference) does not run here")
 
 
 def _q8_0_table(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -73,6 +87,72 @@ def test_the_weight_only_product_matches_fp32_within_summation_order(group: int 
         assert ((ours.double() - reference).abs() <= bound).all()
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
         gemv.weight_only(torch.zeros(5, k), pack(values, 16), scales, n, group)
+
+
+def _close_to_bf16_rounding(ours: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """`ours` (bf16 values) is `exact` (fp64) rounded to bf16, give or take a bf16 step (fp32 sums in two
+    summation orders may round to neighbours) and fp32 summation noise (`magnitude`: the sum of |products|)."""
+    bound = exact.abs() * 2.0 ** -6 + magnitude * 1e-5 + 1e-30
+    return bool(((ours.double() - exact).abs() <= bound).all())
+
+
+@needs_gemv
+@pytest.mark.parametrize(("in_features", "out_features"), [(32, 5), (640, 1536), (2048, 638), (1024, 4097)])
+def test_the_bf16_product_is_a_bf16_linear_within_summation_order(in_features: int, out_features: int) -> None:
+    gemv = load_int8_gemv()[0]
+    generator = torch.Generator().manual_seed(in_features + out_features)
+    weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    for layer_bias in (None, bias):
+        rows_kernel = Bf16Rows(weight, layer_bias, gemv)
+        for rows in (1, 2, 3, 4):
+            x = torch.randn(rows, in_features, generator=generator) * 3
+            exact = x.bfloat16().double() @ weight.double().t()
+            magnitude = x.bfloat16().double().abs() @ weight.double().abs().t()
+            if layer_bias is not None:
+                exact += layer_bias.double()
+            for dtype in (torch.float32, torch.bfloat16):  # fp32 rows are rounded to bf16 first
+                ours = rows_kernel(x.to(dtype))
+                assert ours.dtype == dtype and ours.shape == (rows, out_features)
+                assert torch.equal(ours, ours.bfloat16().to(dtype))  # bf16 values, as a bf16 linear gives
+                assert _close_to_bf16_rounding(ours, exact, magnitude)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        gemv.bf16(torch.zeros(5, in_features), rows_kernel.packed, torch.empty(0), out_features)
+    with pytest.raises(RuntimeError, match="BFloat16"):
+        gemv.bf16(torch.zeros(1, in_features), rows_kernel.packed.float(), torch.empty(0), out_features)
+
+
+@needs_gemv
+@needs_onednn_bf16
+def test_bf16_layers_take_the_kernel_at_1_to_4_rows_and_onednn_beyond() -> None:
+    gemv = load_int8_gemv()[0]
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(300, 640, generator=generator) * 0.05
+    bias = torch.randn(300, generator=generator)
+    layers = [OneDNNLinear(weight.bfloat16(), bias.bfloat16(), gemv),
+              HighPrecisionLinear(weight, bias, torch.bfloat16, "onednn", gemv)]
+    references = [OneDNNLinear(weight.bfloat16(), bias.bfloat16()),
+                  HighPrecisionLinear(weight, bias, torch.bfloat16, "onednn")]
+    for layer, reference, dtype in zip(layers, references, (torch.bfloat16, torch.float32), strict=True):
+        assert layer.small_rows is not None and reference.small_rows is None
+        for rows in (1, 4, 9):
+            x = (torch.randn(rows, 640, generator=generator) * 3).to(dtype)
+            ours, theirs = layer(x), reference(x)
+            assert ours.dtype == theirs.dtype == dtype
+            if rows > 4:  # past the kernel's rows: oneDNN's own product
+                assert torch.equal(ours, theirs)
+            else:
+                assert torch.equal(ours, layer.small_rows(x))
+                rounded_x, rounded_w = x.bfloat16().double(), weight.bfloat16().double()
+                exact = rounded_x @ rounded_w.t() + bias.bfloat16().double()
+                magnitude = rounded_x.abs() @ rounded_w.abs().t()
+                assert _close_to_bf16_rounding(ours, exact, magnitude)
+                assert _close_to_bf16_rounding(theirs, exact, magnitude)
+    # Not bf16, or inputs not 32 at a time, or no kernel: oneDNN at every row count.
+    assert OneDNNLinear(weight, bias, gemv).small_rows is None
+    assert OneDNNLinear(torch.randn(8, 48).bfloat16(), None, gemv).small_rows is None
+    assert HighPrecisionLinear(weight, bias, torch.float32, "onednn", gemv).small_rows is None
+    assert HighPrecisionLinear(weight, bias, torch.bfloat16, "torch", gemv).small_rows is None
 
 
 def test_only_a_lossless_table_becomes_int8() -> None:
@@ -138,29 +218,41 @@ def lossless_groups_or_round(table: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @needs_gemv
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize(("dtype", "quantization"), [("float32", None), ("float32", "int8"), ("bfloat16", None)])
 def test_engine_on_the_kernel_matches_the_engine_without_it(tiny_model_dirs: dict[str, Path], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch, architecture: str,
-                                                            quantization: str | None) -> None:
-    """Same ids, logprobs within fp32 noise: decodes of 1-3 rows take the kernel, prefill chunks do not.
+                                                            dtype: str, quantization: str | None) -> None:
+    """Same ids, logprobs within the precision's noise: decodes of 1-3 rows take the kernel, prefill chunks
+    do not.
 
-    fp32: the lm_head (made lossless) is the kernel's part. int8: the int8 layers are (equal to the bit);
-    its lm_head is left as it is (lossless, the kernel's fp32 product would replace its bf16 one)."""
+    fp32: the lm_head (made lossless) is the kernel's part. int8: the int8 layers (equal to the bit) and
+    the bf16 down_proj (summation order); its lm_head is left as it is (lossless, the kernel's fp32 product
+    would replace its bf16 one). bf16: the decoder's linears (summation order) and the lossless lm_head."""
+    if dtype == "bfloat16" and onednn_unavailable_reason(CPU, torch.bfloat16) is not None:
+        pytest.skip("oneDNN's bf16 linear does not run here")
     model_dir = tiny_model_dirs[architecture]
     if quantization is None:
         model_dir = _lossless_head_copy(model_dir, tmp_path / architecture)
     prompts = [[1, 40, 41, 42], [1] + [(7 * i) % 300 + 5 for i in range(45)], [1, 40, 41, 42, 43, 44]]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
-    kwargs = dict(block_size=4, max_num_batched_tokens=7, num_kv_blocks=128, dtype="float32", quantization=quantization)
+    kwargs = dict(block_size=4, max_num_batched_tokens=7, num_kv_blocks=128, dtype=dtype, quantization=quantization)
     ours = LLM(str(model_dir), **kwargs)
     model = ours.engine.runner.model
     assert (model.small_row_head is not None) == (quantization is None)
     assert all(m.gemv is not None for m in model.modules() if isinstance(m, Int8Linear) and m.in_features % 64 == 0)
+    in_bf16 = dtype == "bfloat16" or (quantization == "int8" and high_precision_dtype() == torch.bfloat16)
+    layers = [m for m in model.layers.modules() if isinstance(m, (OneDNNLinear, HighPrecisionLinear))]
+    assert layers and all((m.small_rows is not None) == in_bf16 for m in layers if m.in_features % 32 == 0)
+    assert getattr(model.lm_head, "small_rows", None) is None  # the lm_head's small steps: small_row_head
     results = ours.generate(prompts, params)
-    monkeypatch.setattr(int8_gemv, "load_int8_gemv", lambda: (None, "disabled by the test"))
+    if dtype == "bfloat16":  # the same lm_head (the kernel's), so that the bf16 layers are the difference
+        monkeypatch.setattr(Bf16Rows, "fits", staticmethod(lambda weight, gemv: False))
+    else:
+        monkeypatch.setattr(int8_gemv, "load_int8_gemv", lambda: (None, "disabled by the test"))
     reference = LLM(str(model_dir), **kwargs)
-    assert reference.engine.runner.model.small_row_head is None
-    assert_same_tokens_and_logprobs(reference.generate(prompts, params), results)
+    assert (reference.engine.runner.model.small_row_head is None) == (dtype != "bfloat16")
+    tolerance = 1e-4 if dtype == "float32" and quantization is None else 2e-2
+    assert_same_tokens_and_logprobs(reference.generate(prompts, params), results, tolerance=tolerance)
 
 
 @needs_gemv

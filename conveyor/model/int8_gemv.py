@@ -1,9 +1,9 @@
-"""Decode-sized steps (1-4 rows) with int8 weights, in C++: the lm_head, and the int8 mode's int8 layers.
+"""Decode-sized steps (1-4 rows) in C++: the lm_head, the int8 mode's int8 layers, and bf16 linears.
 
 One stream's decode step multiplies one row by every weight, so it costs what reading the weights costs.
 At one row oneDNN's linears pay a fixed cost per call and the int8 mode's rounding of the activations a
 chain of small torch ops; csrc/int8_gemv.cpp reads each weight once, packed at load into the layout it
-streams (docs/benchmarks.md, "One stream: int8 weights read by a small C++ kernel"). Two uses:
+streams (docs/benchmarks.md, "One stream: int8 weights read by a small C++ kernel"). Three uses:
 
 - The int8 mode's int8 layers (`Int8Linear`): the same product (activations rounded per row, integer
   sums, the two scales), equal to the torch reference to the bit, for steps of up to 4 rows.
@@ -13,9 +13,12 @@ streams (docs/benchmarks.md, "One stream: int8 weights read by a small C++ kerne
   as 168 MB of int8 plus 21 MB of scales and multiplied in fp32: in fp32 the same products as the fp32
   lm_head (only the summation order differs); in bf16 the weights are the exact ones rather than their
   bf16 roundings. Steps of more rows keep the usual lm_head (compute, not bytes, bounds them).
+- bf16 linears (`Bf16Rows`): the bf16 mode's layers and the int8 mode's bf16 down_proj, as oneDNN's bf16
+  linear computes them (input rounded to bf16, fp32 sums, output rounded to bf16; only the summation
+  order differs), without oneDNN's fixed cost per call (docs/benchmarks.md, "A few-row bf16 kernel").
 
 Like the other C++ kernels it is compiled once per machine (`build_cpp_extension`, -march=native: AVX-512
-loops with VNNI where the CPU has them, plain vectorized loops otherwise). It runs with the oneDNN linear
+loops with VNNI and AVX512-BF16 where the CPU has them, plain vectorized loops otherwise). It runs with the oneDNN linear
 kernel (`--linear-kernel auto` on a CPU); with `--linear-kernel torch`, or when it cannot be built, the
 torch/oneDNN paths run at every row count, with a log line saying why.
 """
@@ -49,10 +52,10 @@ def load_int8_gemv() -> tuple[Any, str]:
 
 
 def pack(weight: torch.Tensor, step: int) -> torch.Tensor:
-    """int8 [N, K] in the kernel's layout: blocks of 4 outputs (N padded with zero rows), each stored
-    `step` inputs at a time for all 4: [ceil(N / 4), K / step, 4, step], flat."""
+    """[N, K] (int8 or bf16) in the kernel's layout: blocks of 4 outputs (N padded with zero rows), each
+    stored `step` inputs at a time for all 4: [ceil(N / 4), K / step, 4, step], flat."""
     n, k = weight.shape
-    padded = torch.zeros(-(-n // _BLOCK) * _BLOCK, k, dtype=torch.int8)
+    padded = torch.zeros(-(-n // _BLOCK) * _BLOCK, k, dtype=weight.dtype)
     padded[:n] = weight
     return padded.reshape(-1, _BLOCK, k // step, step).transpose(1, 2).contiguous().reshape(-1)
 
@@ -88,6 +91,26 @@ class SmallRowLmHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.gemv.weight_only(hidden, self.packed, self.scales, self.out_features, LM_HEAD_GROUP)
+
+
+class Bf16Rows:
+    """A bf16 linear layer's weight in the kernel's layout, for steps of 1-4 rows: `self(rows)` is what
+    oneDNN's bf16 linear gives for rows cast to bf16, in the rows' dtype (fp32 or bf16)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: Any) -> None:
+        self.out_features = weight.shape[0]
+        self.packed = pack(weight.detach().to(torch.bfloat16), gemv.BF16_STEP)
+        self.bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
+        self.gemv = gemv
+
+    @staticmethod
+    def fits(weight: torch.Tensor, gemv: Any) -> bool:
+        """Whether the kernel takes this weight: a CPU bf16 weight whose inputs come 32 at a time."""
+        return (gemv is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.dim() == 2 and weight.shape[1] % gemv.BF16_STEP == 0)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.gemv.bf16(rows, self.packed, self.bias, self.out_features)
 
 
 def lm_head_table(model: nn.Module) -> torch.Tensor | None:

@@ -12,13 +12,15 @@ without it, a dtype it does not cover.
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
 from conveyor.config import LINEAR_KERNELS
-from conveyor.model.int8_gemv import apply_small_row_lm_head, small_row_kernel
+from conveyor.model.int8_gemv import MAX_ROWS, Bf16Rows, apply_small_row_lm_head, small_row_kernel
 from conveyor.model.layers import swap_linears
 from conveyor.model.quantization import quantize_linears
 
@@ -32,19 +34,25 @@ class OneDNNLinear(nn.Module):
 
     The reordered weight is an opaque oneDNN tensor: it is held as a plain attribute, not a parameter,
     because `Module.to` and state dicts cannot handle it. Build this after the model has its final dtype.
+    With `gemv` (`conveyor.model.int8_gemv`'s compiled kernel) a bf16 layer runs steps of 1-4 rows
+    through its bf16 product instead (`Bf16Rows`: the same arithmetic, the weight packed once more).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv: Any = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.small_rows = Bf16Rows(weight, bias, gemv) if Bf16Rows.fits(weight, gemv) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:  # oneDNN refuses an empty input
             return x.new_empty(*x.shape[:-1], self.out_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        if self.small_rows is not None and rows.shape[0] <= MAX_ROWS:
+            out = self.small_rows(rows)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed_weight, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -88,15 +96,22 @@ def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | No
     (quantizing them first in a quantized mode; `maxima` as `quantize_linears` takes them), log the
     choice; returns the kernel's name.
 
-    With oneDNN, steps of 1-4 rows also get the C++ int8 kernel (`conveyor.model.int8_gemv`) where it
-    builds: in the int8 layers, and in the lm_head when `head_table` (its fp32 weights, taken before the
-    model's cast: `lm_head_table`) is lossless as int8."""
+    With oneDNN, steps of 1-4 rows also get the C++ few-row kernel (`conveyor.model.int8_gemv`) where it
+    builds: in the int8 layers, in the bf16 layers of the decoder stack (the bf16 mode's, the int8 mode's
+    down_proj), and in the lm_head when `head_table` (its fp32 weights, taken before the model's cast:
+    `lm_head_table`) is lossless as int8."""
     kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
     gemv, gemv_reason = small_row_kernel(kernel)
     if quantization is not None:
         swapped = quantize_linears(model, quantization, kernel, maxima, gemv)
+    elif kernel == "onednn":
+        # The decoder stack's layers first, with the few-row bf16 product; then the rest (the lm_head: the
+        # few-row head above takes its small steps, and a second copy of its table would cost 335 MB).
+        layers = getattr(model, "layers", None)
+        swapped = swap_linears(layers, functools.partial(OneDNNLinear, gemv=gemv)) if layers is not None else 0
+        swapped += swap_linears(model, OneDNNLinear)
     else:
-        swapped = swap_linears(model, OneDNNLinear) if kernel == "onednn" else 0
+        swapped = 0
     precision = quantization or str(dtype).removeprefix("torch.")
     logger.info("linear kernel for %s: %s (%s; %d layers swapped)", precision, kernel, reason, swapped)
     # int8-fast's lm_head is an int8 layer of its own (the kernel's w8a8 product): it stays as it is.

@@ -26,7 +26,7 @@ from torch import nn
 
 from conveyor.config import QUANTIZATION_METHODS, cpu_flags
 from conveyor.model.attention import SequenceSpan, build_attention_metadata
-from conveyor.model.int8_gemv import MAX_ROWS, pack
+from conveyor.model.int8_gemv import MAX_ROWS, Bf16Rows, pack
 from conveyor.model.layers import linear, swap_linears
 
 # oneDNN's int8 linear takes unsigned activations: int8 values shifted by this, undone by its zero point.
@@ -124,10 +124,12 @@ class HighPrecisionLinear(nn.Module):
     """A linear layer of the `int8` method that rounding would hurt, run in `dtype` (bf16, or fp32 where
     bf16 is slow) inside an fp32 model: the input is cast to `dtype` and the output back.
 
-    The "onednn" kernel prepacks the weight like `conveyor.model.kernels.OneDNNLinear`.
+    The "onednn" kernel prepacks the weight like `conveyor.model.kernels.OneDNNLinear`, and with `gemv`
+    a bf16 layer runs steps of 1-4 rows through the C++ bf16 product (`Bf16Rows`), as that one does.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str,
+                 gemv: Any = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = dtype
@@ -136,8 +138,14 @@ class HighPrecisionLinear(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight) if kernel == "onednn" else None
         if self.packed_weight is None:
             self.register_buffer("weight", weight)
+        use_gemv = kernel == "onednn" and Bf16Rows.fits(weight, gemv)
+        self.small_rows = Bf16Rows(weight, self.bias, gemv) if use_gemv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.small_rows is not None and x.dtype in (torch.float32, torch.bfloat16)
+                and 1 <= x.numel() // self.in_features <= MAX_ROWS):
+            # The kernel rounds fp32 rows to bf16 itself and gives back bf16 values in x's dtype.
+            return self.small_rows(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.packed_weight is None:
             out = linear(rows, self.weight, self.bias)
@@ -200,7 +208,7 @@ def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
     `kernel` "onednn" takes oneDNN's int8 linear, "torch" `torch._int_mm`. A model whose lm_head is tied
     to the embedding gets its own lm_head (the embedding keeps its full-precision table for lookups).
     `method` "int8" needs `maxima` (`activation_maxima` of the unquantized model) for its smoothing.
-    `gemv`: the int8 layers' few-row kernel (`Int8Linear`), or None.
+    `gemv`: the few-row kernel of the int8 layers (`Int8Linear`) and of down_proj in bf16, or None.
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
@@ -220,8 +228,9 @@ def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
             if not isinstance(child, nn.Linear):
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
-            if name in _HIGH_PRECISION_LAYERS:
-                layer: nn.Module = HighPrecisionLinear(child.weight, child.bias, precise, kernel)
+            if name in _HIGH_PRECISION_LAYERS:  # the lm_head's few-row steps have a head of their own
+                layer: nn.Module = HighPrecisionLinear(child.weight, child.bias, precise, kernel,
+                                                       gemv if name != "lm_head" else None)
             else:
                 layer = int8_linear(child.weight, child.bias, smoothing_factors(child.weight, maxima[full_name]))
             setattr(parent, name, layer)

@@ -1,23 +1,27 @@
-// Int8 weights times a few rows of activations (conveyor.model.int8_gemv).
+// Int8 or bf16 weights times a few rows of activations (conveyor.model.int8_gemv).
 //
 // A decode step of one request multiplies one activation row by every weight, so its time is the time to
 // read the weights. oneDNN's linears pay a fixed cost per call (and the int8 mode a chain of small torch
 // ops to round the activations), and a plain row-major int8 GEMV reads four short rows at once, which the
 // hardware prefetcher follows poorly (measured 2.8x slower than the layout below). Here each layer is one
 // sequential pass over its weight, packed once at load in blocks of 4 output channels:
-//   packed[n / 4][k / S][n % 4][k % S]      S = 16 (weight_only) or 64 (w8a8)
-// so one step reads one contiguous run of 4 * S bytes holding the next S inputs of 4 channels. Output
-// channel blocks are spread over torch's threads. Two products:
+//   packed[n / 4][k / S][n % 4][k % S]      S = 16 (weight_only), 64 (w8a8) or 32 (bf16)
+// so one step reads one contiguous run of 4 * S values holding the next S inputs of 4 channels. Output
+// channel blocks are spread over torch's threads. Three products:
 //   weight_only  out[m, n] = sum over groups g of scale[n, g] * sum_{k in g} w[n, k] * x[m, k]
 //                x fp32 or bf16 (made fp32: exact), fp32 sums; one group (per-channel scales) or several
 //   w8a8         the int8 mode's product (Int8Linear): each row of x (times inv_smooth) rounded to int8
 //                with its own scale, integer sums (exact), then * scale[n] * row_scale[m], each step
 //                rounded as the torch reference rounds, so the two agree to the bit.
-// Built with -march=native: AVX-512 loops where the CPU has them (VNNI for w8a8), plain loops that the
-// compiler vectorizes for whatever the CPU has otherwise. The layout is the same for both.
+//   bf16         a bf16 linear as oneDNN's computes it: x rounded to bf16, products summed in fp32 (+ bias),
+//                the result rounded to bf16; only the summation order differs.
+// Built with -march=native: AVX-512 loops where the CPU has them (VNNI for w8a8, AVX512-BF16 dot products
+// for bf16), plain loops that the compiler vectorizes for whatever the CPU has otherwise. The layout is
+// the same for all.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,15 +40,18 @@ constexpr int64_t kMaxRows = 4;   // rows a call takes: decode-sized steps only
 constexpr int64_t kBlock = 4;     // output channels per packed block
 constexpr int64_t kWeightOnlyStep = 16;
 constexpr int64_t kW8A8Step = 64;
+constexpr int64_t kBf16Step = 32;
 constexpr int64_t kGrain = 16;    // blocks per thread task, at least
 
-void check_common(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, int64_t step) {
+void check_common(const torch::Tensor& x, const torch::Tensor& packed, int64_t N, int64_t step,
+                  torch::ScalarType weight_type = torch::kInt8) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "x must have 1 to 4 rows");
   const int64_t K = x.size(1);
   TORCH_CHECK(K % step == 0, "K must be a multiple of ", step);
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == blocks * kBlock * K,
-              "packed must be a contiguous int8 tensor of the packed layout for N outputs of K inputs");
+  TORCH_CHECK(packed.scalar_type() == weight_type && packed.is_contiguous() && packed.numel() == blocks * kBlock * K,
+              "packed must be a contiguous ", c10::toString(weight_type),
+              " tensor of the packed layout for N outputs of K inputs");
 }
 
 #ifdef CONVEYOR_AVX512
@@ -236,9 +243,116 @@ torch::Tensor w8a8(const torch::Tensor& x, const torch::Tensor& inv_smooth, cons
   return out;
 }
 
+#if defined(CONVEYOR_AVX512) && defined(__AVX512BF16__)
+// fp32 sums of M bf16 rows with the 4 channels of a block (S = 32): one dot product of 32 pairs per
+// channel and row and step, exact products accumulated in fp32.
+template <int M>
+inline void bf16_block(const c10::BFloat16* xb, const float*, const c10::BFloat16* block, int64_t K, float* sums) {
+  __m512 acc[M][kBlock];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBf16Step) {
+    __m512bh xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xb + m * K + k);
+    for (int c = 0; c < kBlock; ++c) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(block + k * kBlock + c * kBf16Step);
+      for (int m = 0; m < M; ++m) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) sums[m * kBlock + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+#elif defined(CONVEYOR_AVX512)
+// The same without AVX512-BF16: each weight widened to fp32 (a 16-bit shift, exact) and multiplied with
+// the rows' bf16 values widened once by the caller.
+inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
+
+template <int M>
+inline void bf16_block(const c10::BFloat16*, const float* xf, const c10::BFloat16* block, int64_t K, float* sums) {
+  __m512 acc[M][kBlock];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBf16Step) {
+    for (int c = 0; c < kBlock; ++c) {
+      const __m512i raw = _mm512_loadu_si512(block + k * kBlock + c * kBf16Step);
+      const __m512 low = widen_bf16(_mm512_castsi512_si256(raw)), high = widen_bf16(_mm512_extracti64x4_epi64(raw, 1));
+      for (int m = 0; m < M; ++m) {
+        acc[m][c] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xf + m * K + k), acc[m][c]);
+        acc[m][c] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xf + m * K + k + 16), acc[m][c]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) sums[m * kBlock + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+#else
+template <int M>
+inline void bf16_block(const c10::BFloat16*, const float* xf, const c10::BFloat16* block, int64_t K, float* sums) {
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < kBlock; ++c) {
+      float sum = 0.0f;
+      for (int64_t k0 = 0; k0 < K; k0 += kBf16Step) {
+        const c10::BFloat16* w = block + k0 * kBlock + c * kBf16Step;
+        const float* xm = xf + m * K + k0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < kBf16Step; ++i) sum += static_cast<float>(w[i]) * xm[i];
+      }
+      sums[m * kBlock + c] = sum;
+    }
+}
+#endif
+
+// [M, N] in x's dtype: a bf16 linear of 1 <= M <= 4 rows x (fp32 or bf16; fp32 rows are rounded to bf16
+// first, as `.to(torch.bfloat16)` rounds them) and the packed bf16 weight (S = 32) of N outputs, with an
+// optional bias (bf16 or fp32 [N], or empty). Sums in fp32, each result rounded to bf16 (and widened back
+// for fp32 rows), as a bf16 linear whose input was cast to bf16 and whose output is cast back.
+torch::Tensor bf16(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias, int64_t N) {
+  check_common(x, packed, N, kBf16Step, torch::kBFloat16);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "bf16 takes fp32 or bf16 rows");
+  TORCH_CHECK(bias.numel() == 0 || bias.numel() == N, "bias must be empty or have N values");
+  const auto rows = x.contiguous().to(torch::kBFloat16);
+  const auto bias_f = bias.numel() ? bias.contiguous().to(torch::kFloat32) : bias;
+  const int64_t M = rows.size(0), K = rows.size(1);
+  const c10::BFloat16* xb = rows.data_ptr<c10::BFloat16>();
+  std::vector<float> widened;  // the rows' bf16 values in fp32, for the loops without bf16 dot products
+#if !(defined(CONVEYOR_AVX512) && defined(__AVX512BF16__))
+  widened.resize(M * K);
+  for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(xb[i]);
+#endif
+  const float* xf = widened.data();
+  const float* bp = bias.numel() ? bias_f.data_ptr<float>() : nullptr;
+  const bool wide = x.scalar_type() == torch::kFloat32;
+  auto out = torch::empty({M, N}, x.options());
+  float* out_wide = wide ? out.data_ptr<float>() : nullptr;
+  c10::BFloat16* out_bf16 = wide ? nullptr : out.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (N + kBlock - 1) / kBlock, kGrain, [&](int64_t begin, int64_t end) {
+    float sums[kMaxRows * kBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = b * kBlock, valid = std::min(kBlock, N - n);
+      const c10::BFloat16* block = wp + b * kBlock * K;
+      switch (M) {
+        case 1: bf16_block<1>(xb, xf, block, K, sums); break;
+        case 2: bf16_block<2>(xb, xf, block, K, sums); break;
+        case 3: bf16_block<3>(xb, xf, block, K, sums); break;
+        default: bf16_block<4>(xb, xf, block, K, sums); break;
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < valid; ++c) {
+          const c10::BFloat16 rounded(sums[m * kBlock + c] + (bp ? bp[n + c] : 0.0f));
+          if (wide) out_wide[m * N + n + c] = static_cast<float>(rounded);
+          else out_bf16[m * N + n + c] = rounded;
+        }
+    }
+  });
+  return out;
+}
+
 // Which loops this build has: in the log line and the tests.
 std::string isa() {
-#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
+#if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  return "avx512+vnni+bf16";
+#elif defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__)
   return "avx512+vnni";
 #elif defined(CONVEYOR_AVX512)
   return "avx512";
@@ -252,8 +366,10 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_only", &weight_only, "fp32 x @ (packed int8 weight * group scales).T for 1-4 rows");
   m.def("w8a8", &w8a8, "the int8 mode's product (rows rounded to int8) for 1-4 rows");
+  m.def("bf16", &bf16, "a bf16 linear (fp32 sums, bf16 result) for 1-4 rows");
   m.def("isa", &isa, "the vector loops this build has");
   m.attr("MAX_ROWS") = kMaxRows;
   m.attr("WEIGHT_ONLY_STEP") = kWeightOnlyStep;
   m.attr("W8A8_STEP") = kW8A8Step;
+  m.attr("BF16_STEP") = kBf16Step;
 }
