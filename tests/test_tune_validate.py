@@ -126,7 +126,6 @@ def test_the_prediction_at_the_runs_speed_uses_the_step_cost_of_the_runs_own_ste
     # re-simulates with 1.3 and the same time per request, which is what a tuner built that way predicts.
     workload = w2_workload(w1_requests(seed=1, num_requests=8, max_output=16), burstiness=1.0, seed=1)
     tuner = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(), ServerOverhead(0.05, 1.1))
-    run, _ = tuner.run(SMALL, 0.5)
     steps = [([RowShape(0, 5, True), RowShape(30, 1, True)], 0.0), ([RowShape(64, 1, True)], 0.0)] * 20
     steps = [(rows, 1.3 * COST.step_seconds(rows)) for rows, _ in steps]
     account = at_the_runs_speed(tuner, SMALL, 0.5, steps)
