@@ -11,7 +11,13 @@ import pytest
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
 from conveyor.tune.cost_model import RowShape, ServerOverhead
-from conveyor.tune.overhead import at_rate, fit_overhead, fit_request_seconds, fit_step_cost
+from conveyor.tune.overhead import (
+    at_rate,
+    fit_overhead,
+    fit_request_seconds,
+    fit_step_cost,
+    step_factor_by_kind,
+)
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -134,12 +140,14 @@ def test_the_prediction_at_the_runs_speed_uses_the_step_cost_of_the_runs_own_ste
     _, expected = Tuner(EngineConfig(), "model", MODEL, COST, workload, Slo(), ServerOverhead(0.05, 1.3)).run(SMALL, 0.5)
     assert account["predicted_at_run_speed"]["ttft_s"] == pytest.approx(expected["ttft_s"])
     assert account["predicted_at_run_speed"]["itl_s"]["p50"] > tuner.run(SMALL, 0.5)[1]["itl_s"]["p50"]
+    assert account["run_step_factor_by_kind"]["mixed"]["factor"] == pytest.approx(1.3)
     assert at_the_runs_speed(tuner, SMALL, 0.5, []) == {}  # no step stream: no account, the row as before
     summary = {**_summary(1.0, 0.2, 0.5), "output_throughput": 10.0}
     row = {"predicted": summary, "measured": summary, "predicted_meets_slo": True, "measured_meets_slo": True,
            **account}
     text = format_comparison(row)
     assert "at run speed" in text and "x1.300 their price during the run, x1.100 in the prediction" in text
+    assert "by kind: decode x1.300 (20 steps), mixed x1.300 (20 steps)" in text
 
 
 def _served_timings(factor: float, delay: float) -> list[tuple[float, list[float]]]:
@@ -210,6 +218,18 @@ def test_the_step_fit_keeps_one_factor_when_rows_cost_nothing_extra_and_ignores_
     factor, row_seconds, _ = fit_step_cost(steps, _ten_ms_plus_one_per_token)
     assert factor == pytest.approx(1.2, rel=0.03)
     assert row_seconds == pytest.approx(0.0, abs=0.0002)
+
+
+def test_the_served_steps_factor_is_told_per_kind_of_step() -> None:
+    # Decode-only steps served at their price, prompt chunks beside decodes at 1.4x it, no prompt-only step:
+    # the overall factor would blur them; per kind each shows, and a kind with no step is left out.
+    decode = [RowShape(100, 1, True), RowShape(300, 1, True)]
+    mixed = [RowShape(100, 1, True), RowShape(400, 64, True)]
+    steps = [(decode, _ten_ms_plus_one_per_token(decode))] * 7 + [(mixed, 1.4 * _ten_ms_plus_one_per_token(mixed))] * 3
+    by_kind = step_factor_by_kind(steps, _ten_ms_plus_one_per_token)
+    assert by_kind == {"decode": {"steps": 7, "factor": pytest.approx(1.0)},
+                       "mixed": {"steps": 3, "factor": pytest.approx(1.4)}}
+    assert step_factor_by_kind([], _ten_ms_plus_one_per_token) == {}
 
 
 def test_the_per_request_seconds_are_the_median_ttft_residual_never_negative() -> None:

@@ -148,6 +148,27 @@ def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], f
     return factor, row_seconds, details
 
 
+STEP_KINDS = ("decode", "mixed", "prompt")  # decode rows only; prompt chunks beside decodes; prompt chunks only
+
+
+def step_kind(rows: Sequence[RowShape]) -> str:
+    decodes = sum(1 for row in rows if row.num_new == 1)
+    return "decode" if decodes == len(rows) else "mixed" if decodes else "prompt"
+
+
+def step_factor_by_kind(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]) -> dict[str, dict]:
+    """Per kind of step: how many served steps, and the median of served over priced time. One factor for
+    all steps hides a cost model that prices one kind well and another badly (a chat's turns beside many
+    decodes); this says which kind the misses come from."""
+    ratios: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
+    for rows, seconds in steps:
+        priced = price(rows)
+        if rows and priced > 0 and seconds > 0:
+            ratios[step_kind(rows)].append(seconds / priced)
+    return {kind: {"steps": len(values), "factor": float(np.median(values))}
+            for kind, values in ratios.items() if values}
+
+
 def fit_request_seconds(measured_ttfts: Sequence[float], simulate_ttfts: Callable[[float], list[float]],
                         rounds: int = FIT_ROUNDS) -> float:
     """The per-request seconds: the median of measured minus simulated TTFT (never below 0), refit a few

@@ -52,12 +52,14 @@ class CalibrationPlan:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     context_lens: tuple[int, ...] = (64, 512, 2048)
     chunk_sizes: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048)
-    mixed_decodes: tuple[int, ...] = (4, 32)  # decode rows beside a joining prompt chunk
+    mixed_decodes: tuple[int, ...] = (4, 32, 64)  # decode rows beside a joining prompt chunk
     # A chat's next turn: a chunk of `turn_chunks` tokens after a cached prefix of `turn_prefixes`, beside
-    # `turn_decodes` rows decoding at that context (W3's steps; none of the families above has them).
+    # `turn_decodes` rows decoding at that context (W3's steps; none of the families above has them). A busy
+    # chat server runs its turns beside dozens of decodes: served W3 steps of that kind cost 1.1-1.3x what a
+    # profile with at most 12 such rows priced them at (docs/tuning.md).
     turn_prefixes: tuple[int, ...] = (512, 1024, 2048)
     turn_chunks: tuple[int, ...] = (32, 128)
-    turn_decodes: tuple[int, ...] = (2, 12)
+    turn_decodes: tuple[int, ...] = (2, 12, 48)
     repeats: int = 2
 
     def quick(self) -> CalibrationPlan:

@@ -32,7 +32,7 @@ from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, run_serve_benchmark
 from conveyor.config import EngineConfig
-from conveyor.tune.overhead import Step, fit_step_cost, served_steps
+from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
 from conveyor.tune.workloads import SimWorkload
@@ -180,7 +180,8 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
     factor, row_seconds, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
     _, summary = tuner.at_step_cost(factor, row_seconds).run(candidate, load)
     return {"run_step_factor": factor, "predicted_at_run_speed": summary,
-            "predicted_step_factor": tuner.overhead.step_factor}
+            "predicted_step_factor": tuner.overhead.step_factor,
+            "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
 
 
 def validated_score(rows: list[dict], settings: dict, side: str) -> tuple[float, float]:
@@ -226,6 +227,9 @@ def format_comparison(row: dict) -> str:
     if at_speed:
         lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
                      f"x{row['predicted_step_factor']:.3f} in the prediction")
+        by_kind = row.get("run_step_factor_by_kind") or {}
+        lines.append("  by kind: " + ", ".join(f"{kind} x{value['factor']:.3f} ({value['steps']} steps)"
+                                             for kind, value in by_kind.items()))
     if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
