@@ -74,6 +74,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"workload {workload.name}; SLO {slo.describe()}; "
           f"{'goodput at ' + str(fixed_rate) + ' ' + workload.rate_unit if fixed_rate else 'highest sustainable rate'}",
           flush=True)
+    searching = time.perf_counter()
     default_evaluation = evaluate_all([default], args.rate_hint)[0]
     hint = default_evaluation.max_rate or args.rate_hint
     knob_grid = grid(args.seqs_grid, args.tokens_grid, default)
@@ -87,7 +88,7 @@ def _tune(args: argparse.Namespace) -> int:
     if all(e.shown is None for e in evaluations):
         raise SystemExit(f"conveyor tune: no configuration can run this workload: {default_evaluation.error}")
     print(f"{len(evaluations)} candidates, {tuner.num_simulations} simulated runs in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+          f"{time.perf_counter() - searching:.0f} s", flush=True)
     print(format_table(evaluations[:args.show], default_evaluation, workload.rate_unit, fixed_rate is not None))
 
     validation = None
