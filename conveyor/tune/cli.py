@@ -178,10 +178,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _overhead_text(overhead: ServerOverhead) -> str:
-    text = (f"steps x{overhead.step_factor:.3f} + {1000 * overhead.row_seconds:.2f} ms per sampled row, "
-            f"{1000 * overhead.request_seconds:.1f} ms per request")
+    text = f"steps x{overhead.step_factor:.3f}, {1000 * overhead.request_seconds:.1f} ms per request"
     details = overhead.details or {}
     if "factor_by_requests" in details:
-        text += (f" (from {details['served_steps']} served steps; the factor alone x{details['step_factor_alone']:.3f}, "
+        text += (f" (from {details['served_steps']} served steps, median miss {100 * details['step_miss']:.1f}%; "
                  f"by request timings x{details['factor_by_requests']:.3f})")
     return text

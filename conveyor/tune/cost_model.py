@@ -181,18 +181,21 @@ def relative_errors(model: CostModel, steps: Sequence[Sequence[RowShape]], secon
 class ServerOverhead:
     """What `conveyor serve` adds to the engine's steps, measured once against a real server
     (`tune/overhead.py`): the event loop (HTTP, detokenizing, streaming) shares the cores with the engine,
-    so each step takes `step_factor` times its in-process time plus `row_seconds` per row it samples (the
-    tokens the loop streams), and each request spends `request_seconds` outside the engine before its first
-    token reaches the client (parsing, tokenizing, the hand-off to the engine thread, the first chunk's way
-    back). The defaults add nothing: an in-process engine."""
+    so each step takes `step_factor` times its in-process time, and each request spends `request_seconds`
+    outside the engine before its first token reaches the client (parsing, tokenizing, the hand-off to the
+    engine thread, the first chunk's way back). The defaults add nothing: an in-process engine."""
 
     request_seconds: float = 0.0
     step_factor: float = 1.0
     details: dict | None = None  # the measurement behind the figures, for the report
-    row_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServerOverhead:
+        # NOTE: profiles before 2026-11-26 14:00 also kept a per-sampled-row term (`row_seconds`), since
+        # dropped (docs/tuning.md); it is ignored.
+        return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"))
 
     def scale(self, step_seconds: Callable[[Sequence[RowShape]], float]) -> Callable[[Sequence[RowShape]], float]:
-        if self.step_factor == 1.0 and self.row_seconds == 0.0:
+        if self.step_factor == 1.0:
             return step_seconds
-        return lambda rows: (self.step_factor * step_seconds(rows)
-                             + self.row_seconds * sum(1 for row in rows if row.samples))
+        return lambda rows: self.step_factor * step_seconds(rows)

@@ -91,7 +91,7 @@ class Profile:
         overhead = data.get("server_overhead")
         return cls(data["key"], ModelConfig(**data["model_config"]), CostModel.from_dict(data["cost_model"]),
                    data["held_out_error"], data["num_steps"], data["seconds"],
-                   ServerOverhead(**overhead) if overhead else None, data.get("steps"))
+                   ServerOverhead.from_dict(overhead) if overhead else None, data.get("steps"))
 
 
 def profile_key(config: EngineConfig) -> dict:

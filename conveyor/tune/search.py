@@ -139,10 +139,10 @@ class Tuner:
                                       slo_tpot=slo.tpot or math.inf)
         self.num_simulations = 0
 
-    def at_step_cost(self, step_factor: float, row_seconds: float = 0.0) -> Tuner:
-        """The same tuner with served steps costing `step_factor` x their price (+ `row_seconds` per sampled
-        row) and the same time per request: the prediction at another moment's speed of the machine."""
-        overhead = replace(self.overhead, step_factor=step_factor, row_seconds=row_seconds)
+    def at_step_cost(self, step_factor: float) -> Tuner:
+        """The same tuner with served steps costing `step_factor` x their price and the same time per
+        request: the prediction at another moment's speed of the machine."""
+        overhead = replace(self.overhead, step_factor=step_factor)
         return Tuner(self.base, self.model_path, self.model_config, self.cost_model, self.workload, self.slo, overhead)
 
     def resolved(self, candidate: Candidate) -> EngineConfig:

@@ -177,8 +177,8 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
     Not a prediction (it uses the measured steps' durations); an account of the error."""
     if not steps:
         return {}
-    factor, row_seconds, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
-    _, summary = tuner.at_step_cost(factor, row_seconds).run(candidate, load)
+    factor, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
+    _, summary = tuner.at_step_cost(factor).run(candidate, load)
     return {"run_step_factor": factor, "predicted_at_run_speed": summary,
             "predicted_step_factor": tuner.overhead.step_factor,
             "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
