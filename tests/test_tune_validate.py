@@ -10,6 +10,7 @@ import pytest
 
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
+from conveyor.tune.cli import describe_overhead
 from conveyor.tune.cost_model import RowShape, ServerOverhead
 from conveyor.tune.overhead import (
     at_rate,
@@ -218,6 +219,10 @@ def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:
     overhead = ServerOverhead.from_dict({"request_seconds": 0.04, "step_factor": 1.1, "details": None,
                                          "row_seconds": 0.002})
     assert overhead == ServerOverhead(0.04, 1.1)
+    older = ServerOverhead.from_dict({"request_seconds": 0.04, "step_factor": 1.1, "row_seconds": 0.002,
+                                      "details": {"served_steps": 650, "step_factor_alone": 1.1,
+                                                  "factor_by_requests": 1.2}})
+    assert describe_overhead(older) == "steps x1.100, 40.0 ms per request"  # its details are of the older fit
 
 
 def test_the_served_steps_factor_is_told_per_kind_of_step() -> None:

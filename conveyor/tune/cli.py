@@ -50,7 +50,7 @@ def _tune(args: argparse.Namespace) -> int:
           f"{100 * error['mean']:.1f}%, p50 {100 * error['p50']:.1f}%, p90 {100 * error['p90']:.1f}%; identical steps "
           f"differ by {100 * error.get('repeat_noise', 0.0):.1f}% on average", flush=True)
     if profile.server_overhead:
-        print(f"server overhead (measured against conveyor serve): {_overhead_text(profile.server_overhead)}",
+        print(f"server overhead (measured against conveyor serve): {describe_overhead(profile.server_overhead)}",
               flush=True)
 
     overhead = profile.server_overhead
@@ -59,7 +59,7 @@ def _tune(args: argparse.Namespace) -> int:
         # the server's share of the cores moves with it, so both are measured again, on a served run.
         overhead = measure_server_overhead(base, resolve_model_path(base.model), profile.model_config,
                                            profile.cost_model)
-        print(f"server overhead now (measured again against conveyor serve): {_overhead_text(overhead)}", flush=True)
+        print(f"server overhead now (measured again against conveyor serve): {describe_overhead(overhead)}", flush=True)
     workload = _workload(args, base)
     tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,
                   overhead)
@@ -177,10 +177,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _add_common_args(trace)
 
 
-def _overhead_text(overhead: ServerOverhead) -> str:
+def describe_overhead(overhead: ServerOverhead) -> str:
     text = f"steps x{overhead.step_factor:.3f}, {1000 * overhead.request_seconds:.1f} ms per request"
     details = overhead.details or {}
-    if "factor_by_requests" in details:
+    if "step_miss" in details:  # NOTE: a profile cached before 2026-11-26 14:00 has other details
         text += (f" (from {details['served_steps']} served steps, median miss {100 * details['step_miss']:.1f}%; "
                  f"by request timings x{details['factor_by_requests']:.3f})")
     return text
