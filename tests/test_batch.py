@@ -55,8 +55,9 @@ def test_decode_mask_covers_exactly_the_context_and_the_window() -> None:
     sliding = _build([short, long], 5).attention.sliding
     # Request b's query at position 10 sees keys 6..10: blocks 1 and 2 of its table, i.e. 2 and 9.
     [group] = sliding.decode_groups  # within the window both rows see at most 2 blocks: one call
-    assert group.token_indices.tolist() == [1, 0] and group.blocks[0].tolist() == [2, 9]
-    visible = group.mask[0, 0, 0].nonzero().flatten().tolist()
+    assert group.token_indices.tolist() == [0, 1] and group.blocks[1].tolist() == [2, 9]
+    assert group.rows == slice(0, 2)  # consecutive rows: attention takes them as a view
+    visible = group.mask[1, 0, 0].nonzero().flatten().tolist()
     assert [4 + i for i in visible] == [6, 7, 8, 9, 10]
 
 

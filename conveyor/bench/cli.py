@@ -167,7 +167,7 @@ def _hf_runs(engine, requests, batch_sizes: list[int]) -> list:  # type: ignore[
 def _row(result) -> str:  # type: ignore[no-untyped-def]
     return (f"{result.mode:>34}: {result.wall_seconds:8.1f} s  {result.output_tokens_per_second:7.1f} output tok/s"
             f"  {result.total_tokens_per_second:7.1f} total tok/s  {result.num_steps:5d} steps  "
-            f"overhead {100 * result.overhead_fraction:4.1f}%  padding {result.padding_tokens} tokens"
+            f"overhead {100 * result.overhead_fraction:4.1f}% (+ sampling {100 * result.sampling_fraction:.1f}%)  padding {result.padding_tokens} tokens"
             + ("" if result.median_decode_step_seconds is None
                else f"  decode step p50 {1000 * result.median_decode_step_seconds:.1f} ms"))
 

@@ -32,6 +32,7 @@ class ThroughputResult:
     output_tokens: int
     num_steps: int
     overhead_fraction: float  # step time outside forward + sampling, over steps with a full batch
+    sampling_fraction: float = 0.0  # step time sampling, over the same steps (the engine's other own work)
     padding_tokens: int = 0  # static mode: pad and idle-slot tokens computed for nothing
     settings: dict = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)  # engine ids, in workload order
@@ -73,10 +74,13 @@ def _step(engine: LLMEngine, steps: list[StepStats]) -> list[RequestOutput]:
     return outputs
 
 
-def _overhead_fraction(steps: list[StepStats], min_running: int) -> float:
+def _overhead_fraction(steps: list[StepStats], min_running: int, sampling: bool = False) -> float:
+    """Of the steps with a full batch, the share of their time outside forward and sampling (or, with
+    `sampling`, in sampling)."""
     busy = [s for s in steps if len(s.scheduled) >= min_running] or steps
     total = sum(s.duration for s in busy)
-    return sum(s.overhead_seconds for s in busy) / total if total else 0.0
+    part = sum(s.sample_seconds if sampling else s.overhead_seconds for s in busy)
+    return part / total if total else 0.0
 
 
 def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> ThroughputResult:
@@ -97,6 +101,7 @@ def run_continuous(engine: LLMEngine, requests: list[BenchRequest]) -> Throughpu
         mode=_label(engine, "continuous"), num_requests=len(requests), wall_seconds=wall,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests), output_tokens=output_tokens,
         num_steps=len(steps), overhead_fraction=_overhead_fraction(steps, engine.config.max_num_seqs),
+        sampling_fraction=_overhead_fraction(steps, engine.config.max_num_seqs, sampling=True),
         settings=_settings(engine), request_ids=request_ids, steps=steps)
 
 
@@ -128,6 +133,7 @@ def run_static(engine: LLMEngine, requests: list[BenchRequest], batch_size: int,
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests), num_steps=len(steps),
         overhead_fraction=_overhead_fraction(steps, batch_size), padding_tokens=padding,
+        sampling_fraction=_overhead_fraction(steps, batch_size, sampling=True),
         settings={**_settings(engine), "batch_size": batch_size}, request_ids=request_ids, steps=steps)
 
 

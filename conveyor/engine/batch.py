@@ -138,11 +138,14 @@ def build_model_input(output: SchedulerOutput, states: dict[str, CachedRequestSt
         if scheduled.samples:
             logits_indices.append(len(input_ids) - 1)
             sampling_states.append(state)
+    # One tensor (one copy to an accelerator) viewed three ways: a decode step is a handful of ints.
+    num_tokens = len(input_ids)
+    packed = torch.tensor(input_ids + positions + logits_indices, dtype=torch.long, device=device)
     return ModelInput(
-        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=packed[:num_tokens],
+        positions=packed[num_tokens:2 * num_tokens],
         attention=build_attention_metadata(spans, block_size, sliding_window, device),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+        logits_indices=packed[2 * num_tokens:],
         sampling_request_ids=[state.request_id for state in sampling_states],
         sampling=SamplingMetadata([state.sampling_row() for state in sampling_states]),
         prompt_logprobs=prompt_spans,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import asdict
 
 from conveyor.config import EngineConfig
 from conveyor.engine.output_processor import OutputProcessor
@@ -155,7 +154,7 @@ class LLMEngine:
             step_index=scheduled.step_index, start_time=started, duration=time.perf_counter() - started,
             prepare_seconds=result.prepare_seconds, forward_seconds=result.forward_seconds,
             sample_seconds=result.sample_seconds, scheduled=_entries(scheduled), num_generation_tokens=len(updated),
-            **asdict(self.queue_stats()), prefix_cache_queries=scheduled.num_prefix_cache_queries,
+            **vars(self.queue_stats()), prefix_cache_queries=scheduled.num_prefix_cache_queries,
             prefix_cache_hits=scheduled.num_prefix_cache_hits,
             preempted=list(scheduled.preempted_request_ids), finished=finished_ids)
         if self.trace is not None:

@@ -26,6 +26,7 @@ from conveyor.engine.batch import (
 from conveyor.engine.sampler import Sampler, position_logprobs
 from conveyor.engine.scheduler_output import SchedulerOutput
 from conveyor.engine.structured_output import GrammarCompiler
+from conveyor.model.argmax import argmax_for
 from conveyor.model.fused_ops import apply_elementwise_kernel
 from conveyor.model.int8_gemv import lm_head_table
 from conveyor.model.kernels import apply_linear_kernel
@@ -113,11 +114,12 @@ class ModelRunner:
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima,
                             head_table if self.device.type == "cpu" else None)
         del head_table
-        apply_elementwise_kernel(self.model, config.elementwise_kernel, self.device, self.dtype)
+        elementwise = apply_elementwise_kernel(self.model, config.elementwise_kernel, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks
         self.kv_caches = self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size, self.dtype, self.device)
         self.sliding_window = model_config.sliding_window
-        self.sampler = Sampler()
+        # Greedy rows' argmax in C++ with the other CPU kernels (the same index as torch's, ~10x faster).
+        self.sampler = Sampler(argmax_for(self.device, use_kernel=elementwise == "cpp"))
         self.grammar = grammar
         self.requests: dict[str, CachedRequestState] = {}  # every request the scheduler has sent, until it ends
         pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
@@ -178,11 +180,11 @@ class ModelRunner:
         if model_input.prompt_logprobs:
             hidden = self.model.hidden_states(model_input.input_ids, model_input.positions, self.kv_caches,
                                               model_input.attention)
-            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+            logits = self.model.compute_logits(hidden[model_input.logits_indices], upcast=False)
             result.prompt_logprobs = self._prompt_logprobs(hidden, model_input.prompt_logprobs)
         else:
             logits = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
-                                model_input.attention, model_input.logits_indices)
+                                model_input.attention, model_input.logits_indices, upcast_logits=False)
         forwarded = time.perf_counter()
         if model_input.sampling_request_ids:
             sampled = self.sampler(logits, model_input.sampling)

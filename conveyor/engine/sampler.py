@@ -7,6 +7,12 @@ and min-p before drawing. A seeded request draws from its own generator, so its 
 the rest of the batch. Log-probabilities are reported from the raw model distribution (before any of
 these transforms). A transform no row uses is skipped entirely.
 
+The logits come in the model's dtype (a bf16 model's lm_head makes bf16 logits): the transforms that
+compute on them (penalties, biases) and the log-probabilities run in fp32, as before, but a step that
+needs neither never copies its logits to fp32 (for 32 rows of a 262k vocabulary, a fresh 32 MiB buffer):
+a greedy row's argmax reads them as they are, which picks the same token (widening bf16 to fp32 is exact).
+The argmax itself is `conveyor.model.argmax`'s (a vectorized kernel on a CPU; torch's elsewhere).
+
 The sampler sees one `SamplingMetadata` value per step (per-row parameters, token histories and
 generators), never a request object, so it can be tested with plain lists.
 """
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from conveyor.engine.structured_output import unpack_bitmasks
+from conveyor.model.argmax import ArgmaxRows, torch_argmax
 from conveyor.outputs import Logprob
 from conveyor.sampling_params import SamplingParams
 
@@ -58,15 +65,23 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self, argmax: ArgmaxRows = torch_argmax) -> None:
+        self.argmax = argmax  # what greedy rows take: the same index whatever computes it
+
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        params = metadata.params
         raw_logprobs = None
-        if any(p.logprobs is not None for p in metadata.params):
+        if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logits = apply_penalties(logits, metadata)
-        logits = apply_logit_bias(logits, metadata)
+        if any(p.logit_bias or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+               or p.frequency_penalty != 0.0 for p in params):
+            logits = logits.float()  # the arithmetic transforms add and scale in fp32 (a no-op on fp32 logits)
+            logits = apply_penalties(logits, metadata)
+            logits = apply_logit_bias(logits, metadata)
+        # The masks only set -inf, exact in any dtype; random rows are cast to fp32 in `sample`.
         logits = apply_grammar_masks(logits, metadata)
         logits = mask_early_stops(logits, metadata)
-        token_ids = sample(logits, metadata)
+        token_ids = sample(logits, metadata, self.argmax)
         logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, metadata)
         return SamplerOutput(token_ids.tolist(), logprobs)
 
@@ -149,8 +164,8 @@ def mask_early_stops(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-    token_ids = logits.argmax(dim=-1)
+def sample(logits: torch.Tensor, metadata: SamplingMetadata, argmax: ArgmaxRows = torch_argmax) -> torch.Tensor:
+    token_ids = argmax(logits)
     random_rows = [index for index, row in enumerate(metadata.rows) if not row.params.greedy]
     if not random_rows:
         return token_ids

@@ -12,6 +12,7 @@ not padded up to the step's longest; prefill chunks get the cache slots of their
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,10 +53,19 @@ class PrefillChunk:
 class DecodeGroup:
     """Single-token rows of similar context length, attended in one batched call."""
 
-    token_indices: torch.Tensor  # [D] rows of the flat batch
+    token_indices: torch.Tensor  # [D] rows of the flat batch, ascending
     blocks: torch.Tensor  # [D, num_gathered_blocks] block ids per row (0 = padding)
-    mask: torch.Tensor  # [D, 1, 1, num_gathered_blocks * block_size] bool
     key_bounds: torch.Tensor  # [D, 2] each row's visible keys [first, end), counted from its first block's slot 0
+    block_size: int
+    rows: slice | None = None  # the same rows as a slice when they are consecutive (a view, not a gather)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[D, 1, 1, num_gathered_blocks * block_size] bool, True on each row's visible keys: what the torch
+        path's SDPA needs (the C++ kernel reads `key_bounds`), built once per step on first use."""
+        slots = torch.arange(self.blocks.shape[1] * self.block_size, device=self.blocks.device)[None, :]
+        visible = (slots >= self.key_bounds[:, :1]) & (slots < self.key_bounds[:, 1:])
+        return visible[:, None, None, :]
 
 
 @dataclass
@@ -81,7 +91,9 @@ def slot_mapping(block_ids: list[int], start: int, end: int, block_size: int) ->
 
 def build_attention_metadata(spans: list[SequenceSpan], block_size: int, sliding_window: int | None,
                              device: torch.device) -> AttentionMetadata:
-    slots = [slot for span in spans for slot in slot_mapping(span.block_ids, span.start, span.end, block_size)]
+    slots: list[int] = []
+    for span in spans:
+        slots += slot_mapping(span.block_ids, span.start, span.end, block_size)
     decodes = [span for span in spans if span.num_tokens == 1]
     prefills = [span for span in spans if span.num_tokens > 1]
 
@@ -92,11 +104,13 @@ def build_attention_metadata(spans: list[SequenceSpan], block_size: int, sliding
         return WindowView(chunks, groups)
 
     full = view(None)
+    # A window no span reaches past sees every key the full view sees: share its tensors.
+    window_needed = sliding_window is not None and max((span.end for span in spans), default=0) > sliding_window
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decodes=len(decodes),
         full=full,
-        sliding=view(sliding_window) if sliding_window is not None else full,
+        sliding=view(sliding_window) if window_needed else full,
     )
 
 
@@ -124,22 +138,27 @@ def _group_by_length(decodes: list[SequenceSpan], block_size: int, window: int |
 
 def _decode_group(spans: list[SequenceSpan], block_size: int, window: int | None,
                   device: torch.device) -> DecodeGroup:
-    """Per row: the blocks holding its visible keys, padded to the group's longest, and the mask."""
-    first_blocks = [_first_visible_key(span.end - 1, window) // block_size for span in spans]
+    """Per row: the blocks holding its visible keys, padded to the group's longest, and its key bounds.
+    Built as one list of ints and one tensor (three views): a decode step's metadata is dispatch-bound."""
+    spans = sorted(spans, key=lambda span: span.query_start)
     num_gathered = max(_num_visible_blocks(span.end, block_size, window) for span in spans)
-    table = torch.zeros((len(spans), num_gathered), dtype=torch.long)
-    for row, (span, first) in enumerate(zip(spans, first_blocks)):
-        used = span.block_ids[first:first + num_gathered]
-        table[row, :len(used)] = torch.tensor(used, dtype=torch.long)
-    lengths = torch.tensor([span.end for span in spans])
-    first_keys = torch.tensor([_first_visible_key(span.end - 1, window) for span in spans])
-    # Absolute position of every gathered slot, to mask what lies outside [first key, length).
-    key_positions = (torch.tensor(first_blocks)[:, None] * block_size
-                     + torch.arange(num_gathered * block_size)[None, :])
-    mask = (key_positions >= first_keys[:, None]) & (key_positions < lengths[:, None])
-    rows = torch.tensor([span.query_start for span in spans], dtype=torch.long)
-    bounds = torch.stack([first_keys, lengths], dim=1) - torch.tensor(first_blocks)[:, None] * block_size
-    return DecodeGroup(rows.to(device), table.to(device), mask[:, None, None, :].to(device), bounds.to(device))
+    rows: list[int] = []
+    bounds: list[int] = []
+    table: list[int] = []
+    for span in spans:
+        first_key = _first_visible_key(span.end - 1, window)
+        first_block = first_key // block_size
+        used = span.block_ids[first_block:first_block + num_gathered]
+        rows.append(span.query_start)
+        bounds += (first_key - first_block * block_size, span.end - first_block * block_size)
+        table += used
+        table += [0] * (num_gathered - len(used))
+    count = len(spans)
+    packed = torch.tensor(rows + bounds + table, dtype=torch.long, device=device)
+    consecutive = rows[-1] - rows[0] == count - 1
+    return DecodeGroup(packed[:count], packed[3 * count:].view(count, num_gathered),
+                       packed[count:3 * count].view(count, 2), block_size,
+                       slice(rows[0], rows[0] + count) if consecutive else None)
 
 
 def _prefill_chunk(span: SequenceSpan, block_size: int, window: int | None, device: torch.device) -> PrefillChunk:
@@ -187,7 +206,8 @@ class PagedAttention(nn.Module):
         view = meta.sliding if self.sliding_window is not None else meta.full
         out = torch.empty_like(q)
         for group in view.decode_groups:
-            out[group.token_indices] = self._decode(q[group.token_indices], k_cache, v_cache, group)
+            rows = group.rows if group.rows is not None else group.token_indices
+            out[rows] = self._decode(q[rows], k_cache, v_cache, group)
         for chunk in view.prefills:
             rows = slice(chunk.query_start, chunk.query_end)
             keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)

@@ -32,10 +32,12 @@ class CausalLM(nn.Module):
         self.small_row_head: Any = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Flat batch in ([T] ids and positions), logits out only for `logits_indices` rows: [S, vocab]."""
+                meta: AttentionMetadata, logits_indices: torch.Tensor, upcast_logits: bool = True) -> torch.Tensor:
+        """Flat batch in ([T] ids and positions), logits out only for `logits_indices` rows: [S, vocab]
+        (see `compute_logits` for `upcast_logits`)."""
         # NOTE: the final norm and lm_head run only on rows that sample; the lm_head is the largest matmul.
-        return self.compute_logits(self.hidden_states(input_ids, positions, kv_caches, meta)[logits_indices])
+        hidden = self.hidden_states(input_ids, positions, kv_caches, meta)[logits_indices]
+        return self.compute_logits(hidden, upcast_logits)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -47,14 +49,18 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, positions, k_cache, v_cache, meta)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head over some rows of `hidden_states`: [rows, vocab] in fp32."""
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Final norm and lm_head over some rows of `hidden_states`: [rows, vocab] in fp32, or with `upcast`
+        False in the lm_head's own dtype (the engine's sampler casts only what needs it: a bf16 step's fp32
+        copy of 32 rows is a fresh 32 MiB buffer, ~7 ms)."""
         hidden = self.norm(hidden)
         if self.small_row_head is not None and 1 <= hidden.shape[0] <= SMALL_ROWS:
-            return self.small_row_head(hidden)
-        if self.lm_head is None:
-            return linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = self.small_row_head(hidden)
+        elif self.lm_head is None:
+            logits = linear(hidden, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors named as Hugging Face names them (`model.layers.0.self_attn.q_proj.weight`, ...)."""
