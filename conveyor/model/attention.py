@@ -7,7 +7,7 @@ sliding window) shares. It imports nothing from the engine.
 
 Decode rows get a gather table of their blocks and a mask, grouped by context length so a short row is
 not padded up to the step's longest; prefill chunks get the cache slots of their keys and a causal
-(windowed) mask.
+(windowed) mask for the torch path, and their block table and first position for the C++ kernel.
 """
 
 from __future__ import annotations
