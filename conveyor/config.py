@@ -20,9 +20,9 @@ ATTENTION_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.attention_ker
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
 ELEMENTWISE_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.elementwise_kernel` accepts (conveyor.model.fused_ops)
 # Bumped whenever a kernel path changes what a step computes or costs under the same flags (2: the few-row
-# int8 kernel and lossless int8 lm_head; 3: its few-row bf16 product): a tune profile and `system_fingerprint`
-# both carry it.
-KERNELS_REVISION = 3
+# int8 kernel and lossless int8 lm_head; 3: its few-row bf16 product; 4: the prefill attention kernel): a tune
+# profile and `system_fingerprint` both carry it.
+KERNELS_REVISION = 4
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -163,8 +163,8 @@ class EngineConfig:
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs; steps of 1-4 rows also take a C++ int8 kernel), torch "
                                        "(the reference path), or auto (onednn where it can run, else torch)", choices=LINEAR_KERNELS)
-    attention_kernel: str = _knob("auto", "what runs decode attention: cpp (a C++ kernel reading the paged KV "
-                                          "cache in place, compiled at first use), torch (the reference path: "
+    attention_kernel: str = _knob("auto", "what runs decode and prefill attention: cpp (C++ kernels reading the "
+                                          "paged KV cache in place, compiled at first use), torch (the reference path: "
                                           "gather, then SDPA), or auto (cpp where it builds, else torch)",
                                   choices=ATTENTION_KERNELS)
     elementwise_kernel: str = _knob("auto", "what runs a layer's norms, rotary, activation and residual adds: cpp "

@@ -7,7 +7,7 @@ sliding window) shares. It imports nothing from the engine.
 
 Decode rows get a gather table of their blocks and a mask, grouped by context length so a short row is
 not padded up to the step's longest; prefill chunks get the cache slots of their keys and a causal
-(windowed) mask.
+(windowed) mask for the torch path, and their block table and first position for the C++ kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from torch import nn
 # A decode attention kernel reading the paged cache in place (conveyor.model.paged_decode):
 # (q [D, Hq, Dh], k_cache, v_cache, DecodeGroup.blocks, DecodeGroup.key_bounds, scale) -> [D, Hq, Dh].
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# A prefill attention kernel reading the paged cache in place (conveyor.model.paged_prefill):
+# (q [Tq, Hq, Dh], k_cache, v_cache, PrefillChunk.block_table, PrefillChunk.start, window or 0, scale) -> [Tq, Hq, Dh].
+PrefillKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class PrefillChunk:
     query_end: int
     key_slots: torch.Tensor  # [L] cache slots of the keys it may see (prefix + the chunk itself)
     mask: torch.Tensor  # [Tq, L] bool, True where the query may attend
+    block_table: torch.Tensor  # [n] the request's block ids (int64), for the kernel reading the cache in place
+    start: int  # position of the chunk's first query
 
 
 @dataclass
@@ -170,7 +175,8 @@ def _prefill_chunk(span: SequenceSpan, block_size: int, window: int | None, devi
     mask = key_positions[None, :] <= query_positions[:, None]
     if window is not None:
         mask &= key_positions[None, :] > query_positions[:, None] - window
-    return PrefillChunk(span.query_start, span.query_start + span.num_tokens, key_slots.to(device), mask.to(device))
+    return PrefillChunk(span.query_start, span.query_start + span.num_tokens, key_slots.to(device), mask.to(device),
+                        block_table.to(device), span.start)
 
 
 class PagedAttention(nn.Module):
@@ -192,8 +198,10 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        # The C++ kernel reading the blocks in place (conveyor.model.paged_decode), or None for torch's path.
+        # The C++ kernels reading the blocks in place (conveyor.model.paged_decode, .paged_prefill), or None
+        # for torch's path.
         self.decode_kernel: DecodeKernel | None = None
+        self.prefill_kernel: PrefillKernel | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -210,6 +218,10 @@ class PagedAttention(nn.Module):
             out[rows] = self._decode(q[rows], k_cache, v_cache, group)
         for chunk in view.prefills:
             rows = slice(chunk.query_start, chunk.query_end)
+            if self.prefill_kernel is not None:
+                out[rows] = self.prefill_kernel(q[rows].contiguous(), k_cache, v_cache, chunk.block_table,
+                                                chunk.start, self.sliding_window or 0, self.scale)
+                continue
             keys, values = k_flat.index_select(0, chunk.key_slots), v_flat.index_select(0, chunk.key_slots)
             out[rows] = self._prefill(q[rows], keys, values, chunk.mask)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

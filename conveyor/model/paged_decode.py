@@ -77,11 +77,16 @@ def choose_attention_kernel(requested: str, device: torch.device, dtype: torch.d
 
 
 def apply_attention_kernel(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Choose the decode attention path, give it to every `PagedAttention` of the model, log the choice."""
+    """Choose the decode attention path, give it to every `PagedAttention` of the model, log the choice;
+    with the C++ path, prefill chunks take the C++ prefill kernel too where it runs (conveyor.model.paged_prefill)."""
+    # Imported here: paged_prefill builds its kernel with this module's `build_cpp_extension`.
+    from conveyor.model.paged_prefill import apply_prefill_kernel
+
     kernel, reason = choose_attention_kernel(requested, device, dtype)
     decode = load_decode_kernel()[0] if kernel == "cpp" else None
     for module in model.modules():
         if isinstance(module, PagedAttention):
             module.decode_kernel = decode
     logger.info("decode attention: %s (%s)", kernel, reason)
+    apply_prefill_kernel(model, kernel == "cpp", device, dtype)
     return kernel
