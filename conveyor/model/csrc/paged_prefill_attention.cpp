@@ -30,6 +30,7 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include "exp_approx.h"
 
 namespace {
 
@@ -42,23 +43,6 @@ constexpr int64_t kValueDims = 64;      // head dims per value micro-kernel call
 
 using bf16 = at::BFloat16;
 
-// exp(x) in fp32 within ~2 ulp (Cephes' expf, as in fused_layer_ops.cpp), in a form the compiler vectorizes.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
-  return p * two_to_n;
-}
 
 // Packed layouts, per KV head, for Lp keys (L rounded up to kKeyTile; the padding is zeros):
 //   K fp32: [Lp / 32][D][32]          K bf16: [Lp / 32][D / 2][32][2]
