@@ -116,6 +116,14 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     assert result["validation"]["recommended"] == result["recommended"]
 
 
+@pytest.mark.parametrize("margin", ["-0.1", "1"])
+def test_tune_refuses_a_margin_outside_zero_to_one(tiny_model_dirs, tmp_path, margin: str) -> None:
+    with pytest.raises(SystemExit, match="--slo-margin must be in"):
+        main(["tune", "w2", "--model", str(tiny_model_dirs["llama"]), "--slo-margin", margin,
+              "--profile-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+    assert not any(tmp_path.iterdir())  # refused before profiling or writing anything
+
+
 def test_serve_refuses_a_bad_config_file_naming_the_key(tmp_path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"max_num_seqs": 8, "max_batch": 4}))

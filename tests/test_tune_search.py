@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig, ModelConfig
 from conveyor.tune.cost_model import AttentionShape, CostModel
@@ -15,9 +17,9 @@ MODEL = ModelConfig(architecture="llama", vocab_size=1000, hidden_size=8, interm
 COST = CostModel(AttentionShape(16, 2), (0.010, 0.001, 0, 0, 0, 0, 0, 0))
 
 
-def _tuner(slo: Slo) -> Tuner:
+def _tuner(slo: Slo, margin: float = 0.0) -> Tuner:
     workload = w2_workload(w1_requests(seed=1, num_requests=24, max_output=32), burstiness=1.0, seed=1)
-    return Tuner(EngineConfig(dtype="float32"), "model", MODEL, COST, workload, slo)
+    return Tuner(EngineConfig(dtype="float32"), "model", MODEL, COST, workload, slo, margin=margin)
 
 
 def test_the_highest_rate_is_where_the_slo_stops_holding() -> None:
@@ -49,3 +51,25 @@ def test_a_kv_pool_too_small_for_a_request_is_reported_not_raised() -> None:
     evaluation = _tuner(Slo()).evaluate(Candidate(8, 512, kv_cache_memory="1KiB"), 1.0)
     assert evaluation.max_rate == 0 and "the whole KV pool holds 16 tokens" in evaluation.error
     assert evaluation.shown is None
+
+
+def test_the_margin_tightens_every_objective_and_rejects_nonsense() -> None:
+    tight = Slo(ttft=2.0, tpot=None, itl=0.3).with_margin(0.1)
+    assert tight.ttft == pytest.approx(1.8) and tight.itl == pytest.approx(0.27) and tight.tpot is None
+    for margin in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="the SLO margin must be in"):
+            Slo().with_margin(margin)
+
+
+def test_the_search_keeps_its_margin_under_the_slo_but_judges_nothing_else_by_it() -> None:
+    candidate, rate = Candidate(8, 512), 1.0
+    _, summary = _tuner(Slo(ttft=None, itl=None)).run(candidate, rate)
+    p99 = summary["ttft_s"]["p99"]
+    # An SLO 5% above the simulated p99: met with no margin, missed with a 10% one.
+    slo = Slo(ttft=1.05 * p99, itl=None)
+    assert _tuner(slo).evaluate_at(candidate, rate).max_rate == rate
+    with_margin = _tuner(slo, margin=0.1)
+    assert with_margin.evaluate_at(candidate, rate).max_rate == 0.0
+    assert with_margin.slo == slo and with_margin.search_slo.ttft == pytest.approx(0.945 * p99)
+    # the same margin carries over to the prediction at another step cost
+    assert with_margin.at_step_cost(1.0).search_slo == with_margin.search_slo

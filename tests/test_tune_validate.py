@@ -249,3 +249,19 @@ def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_r
     with pytest.raises(SystemExit, match="use --slo-percentile 50, 90 or 99"):
         validate(argparse.Namespace(workload="w2"), EngineConfig(), workload, tuner, [], Evaluation(DEFAULT, 0.0),
                  None)
+
+
+def test_a_chat_comparison_shows_the_first_turns_tail_apart_from_the_later_turns() -> None:
+    def chat(first_p99: float, later_p99: float) -> dict:
+        return {**_summary(max(first_p99, later_p99), 0.2, 0.5), "output_throughput": 10.0,
+                "ttft_by_turn_s": {"1": {"p99": first_p99}, "2": {"p99": later_p99}},
+                "later_turns_ttft_s": {"p99": later_p99}}
+
+    row = {"predicted": chat(0.6, 0.5), "measured": chat(0.8, 0.5), "predicted_meets_slo": True,
+           "measured_meets_slo": True}
+    lines = format_comparison(row).splitlines()
+    assert any(line.split()[:5] == ["turn", "1", "600.0", "800.0", "-25.0%"] for line in lines)
+    assert any(line.split()[:4] == ["turns>=2", "500.0", "500.0", "0.0%"] for line in lines)
+    plain = {"predicted": chat(0.6, 0.5), "measured": {**_summary(0.8, 0.2, 0.5), "output_throughput": 10.0},
+             "predicted_meets_slo": True, "measured_meets_slo": True}
+    assert "turn 1" not in format_comparison(plain)  # W2: nothing per turn measured

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from conveyor.bench.serve import ServeSettings
 from conveyor.bench.workloads import w3_conversations
 from conveyor.config import EngineConfig
 from conveyor.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from conveyor.tune.simulator import simulate
+from conveyor.tune.search import summarize_run
+from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.workloads import trace_requests, trace_workload, w3_workload
 from conveyor.workload_trace import TraceRecorder, read_trace
 
@@ -77,3 +80,20 @@ def test_chat_turns_repeat_the_conversation_and_hit_the_prefix_cache(prefix_cach
     repeated = first.prompt_token_ids + (first.output_token_ids or [])
     assert second.prompt_token_ids[:len(repeated)] == repeated
     assert second.arrival_time > first.arrival_time + conversations[0].think_times[0]
+    assert (first.turn, second.turn) == (1, 2)
+
+
+def test_a_simulated_chat_reports_ttft_per_turn_as_the_chat_bench_does() -> None:
+    workload = w3_workload(lambda rate: w3_conversations(num_conversations=4, conversation_rate=rate,
+                                                         system_words=64))
+    requests, follow_up = workload.build(2.0)
+    config = EngineConfig(num_kv_blocks=2048, max_model_len=8192, max_num_batched_tokens=512)
+    run = simulate(config, lambda rows: 0.01 + 1e-4 * sum(r.num_new for r in rows), requests, follow_up)
+    summary = summarize_run(run, ServeSettings(base_url="simulated"), "W3")
+    firsts = [r.ttft for r in run.results if r.request.turn == 1]
+    assert len(firsts) == 4 and summary["ttft_by_turn_s"]["1"]["p50"] == pytest.approx(float(np.median(firsts)))
+    later = [r.ttft for r in run.results if r.request.turn >= 2]
+    assert later and summary["later_turns_ttft_s"]["mean"] == pytest.approx(float(np.mean(later)))
+    # requests without turns (W2, traces) report none
+    plain = simulate(config, lambda rows: 0.01, [SimRequest("0", 0.0, [5] * 40, 4)])
+    assert "ttft_by_turn_s" not in summarize_run(plain, ServeSettings(base_url="simulated"), "W2")

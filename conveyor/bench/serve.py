@@ -171,7 +171,7 @@ async def run_serve_benchmark(requests: list[BenchRequest], settings: ServeSetti
     return {**summarize(results, duration, settings, model), "dashboard_viewer_bytes": viewer_bytes}
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
     array = np.asarray(values)
@@ -192,10 +192,10 @@ def summarize(results: list[RequestResult], duration: float, settings: ServeSett
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (output_tokens + sum(r.prompt_len for r in ok)) / duration,
         "goodput": len(good) / duration,
-        "ttft_s": _percentiles([r.ttft for r in ok]),
-        "tpot_s": _percentiles([r.tpot for r in ok if r.generated > 1]),
-        "itl_s": _percentiles([itl for r in ok for itl in r.itls]),
-        "e2e_s": _percentiles([r.e2e for r in ok]),
+        "ttft_s": percentiles([r.ttft for r in ok]),
+        "tpot_s": percentiles([r.tpot for r in ok if r.generated > 1]),
+        "itl_s": percentiles([itl for r in ok for itl in r.itls]),
+        "e2e_s": percentiles([r.e2e for r in ok]),
     }
 
 

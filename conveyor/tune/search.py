@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from conveyor.bench.serve import RequestResult, ServeSettings, summarize
+from conveyor.bench.serve import RequestResult, ServeSettings, percentiles, summarize
 from conveyor.config import EngineConfig, ModelConfig
 from conveyor.tune.cost_model import CostModel, ServerOverhead
 from conveyor.tune.simulator import SimRun, simulate
@@ -55,6 +55,17 @@ class Slo:
         return summary.get("failed", 0) == 0 and all(
             limit is None or summary[key][name] <= limit
             for key, limit in (("ttft_s", self.ttft), ("tpot_s", self.tpot), ("itl_s", self.itl)))
+
+    def with_margin(self, margin: float) -> Slo:
+        """The same objectives `margin` (a fraction) tighter: what the search plans with, since the simulator's
+        p99s have come out up to ~20% optimistic on real runs (docs/tuning.md)."""
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"the SLO margin must be in [0, 1), got {margin}")
+
+        def tighter(limit: float | None) -> float | None:
+            return None if limit is None else limit * (1.0 - margin)
+
+        return replace(self, ttft=tighter(self.ttft), tpot=tighter(self.tpot), itl=tighter(self.itl))
 
     def describe(self) -> str:
         parts = [f"{name} <= {limit * 1000:.0f} ms" for name, limit in
@@ -130,9 +141,11 @@ class Tuner:
     """Simulates candidates on one workload with one cost model; remembers every run."""
 
     def __init__(self, base: EngineConfig, model_path: str, model_config: ModelConfig, cost_model: CostModel,
-                 workload: SimWorkload, slo: Slo, overhead: ServerOverhead | None = None) -> None:
+                 workload: SimWorkload, slo: Slo, overhead: ServerOverhead | None = None, margin: float = 0.0) -> None:
         self.base, self.model_path, self.model_config = base, model_path, model_config
         self.cost_model, self.workload, self.slo = cost_model, workload, slo
+        self.margin = margin
+        self.search_slo = slo.with_margin(margin)  # what a simulated run must meet; measured runs meet `slo`
         self.overhead = overhead or ServerOverhead()  # NOTE: the default adds nothing (an in-process engine)
         self._step_seconds = self.overhead.scale(cost_model.step_seconds)
         self.settings = ServeSettings(base_url="simulated", slo_ttft=slo.ttft or math.inf,
@@ -143,7 +156,8 @@ class Tuner:
         """The same tuner with served steps costing `step_factor` x their price and the same time per
         request: the prediction at another moment's speed of the machine."""
         overhead = replace(self.overhead, step_factor=step_factor)
-        return Tuner(self.base, self.model_path, self.model_config, self.cost_model, self.workload, self.slo, overhead)
+        return Tuner(self.base, self.model_path, self.model_config, self.cost_model, self.workload, self.slo, overhead,
+                     self.margin)
 
     def resolved(self, candidate: Candidate) -> EngineConfig:
         return candidate.apply(self.base).resolved(self.model_path, self.model_config)
@@ -163,7 +177,7 @@ class Tuner:
         def meets(rate: float) -> bool:
             if rate not in tried:
                 run, summary = self.run(candidate, rate)
-                tried[rate] = self.slo.met_by(run)
+                tried[rate] = self.search_slo.met_by(run)
                 evaluation.points.append(RatePoint(rate, tried[rate], summary))
             return tried[rate]
 
@@ -187,7 +201,7 @@ class Tuner:
             run, summary = self.run(candidate, rate)
         except ValueError as error:
             return Evaluation(candidate, 0.0, error=str(error))
-        meets = self.slo.met_by(run)
+        meets = self.search_slo.met_by(run)
         return Evaluation(candidate, rate if meets else 0.0, [RatePoint(rate, meets, summary)])
 
     def search(self, grid: Iterable[Candidate], rate_hint: float) -> list[Evaluation]:
@@ -239,6 +253,11 @@ def summarize_run(run: SimRun, settings: ServeSettings, workload: str) -> dict:
     summary = summarize(results, run.duration, settings, "simulated")
     summary.update(workload=workload, num_steps=run.num_steps, num_preemptions=run.num_preemptions,
                    cached_ratio=run.cached_ratio)
+    turns = sorted({r.request.turn for r in run.results if r.request.turn is not None})
+    if turns:  # a chat: TTFT per turn, as `conveyor bench chat` reports it
+        summary["ttft_by_turn_s"] = {str(turn): percentiles([r.ttft for r in run.results if r.request.turn == turn])
+                                     for turn in turns}
+        summary["later_turns_ttft_s"] = percentiles([r.ttft for r in run.results if (r.request.turn or 0) >= 2])
     return summary
 
 

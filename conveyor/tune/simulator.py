@@ -36,6 +36,7 @@ class SimRequest:
     prompt_token_ids: list[int]
     output_len: int
     output_token_ids: list[int] | None = None  # the tokens it "samples", when later prompts repeat them
+    turn: int | None = None  # a chat's turn (1 = the first user message), to report TTFT per turn
 
 
 @dataclass

@@ -70,7 +70,7 @@ def w3_workload(make_conversations: Callable[[float], list[Conversation]], encod
             conversation = conversations[index]
             prompt = history + template + encode(conversation.user_messages[number])
             request = SimRequest(f"c{index}t{number}.{next(ids)}", arrival, prompt,
-                                 conversation.answer_lens[number], answers[index][number])
+                                 conversation.answer_lens[number], answers[index][number], turn=number + 1)
             request_turns[request.request_id] = (index, number)
             return request
 
