@@ -11,7 +11,7 @@ import pytest
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
 from conveyor.tune.cli import describe_overhead
-from conveyor.tune.cost_model import RowShape, ServerOverhead
+from conveyor.tune.cost_model import RowShape, ServerOverhead, is_few_row_step
 from conveyor.tune.overhead import (
     at_rate,
     fit_overhead,
@@ -202,16 +202,36 @@ def _served_steps(factor: float, seed: int = 0) -> list[tuple[list[RowShape], fl
 
 
 def test_the_step_fit_recovers_a_known_factor_from_served_steps_and_ignores_stalls() -> None:
-    factor, details = fit_step_cost(_served_steps(1.1), _ten_ms_plus_one_per_token)
-    assert factor == pytest.approx(1.1, rel=0.01)
+    factor, few_factor, details = fit_step_cost(_served_steps(1.1), _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.1, rel=0.01) and few_factor == pytest.approx(1.1, rel=0.02)
     assert details["served_steps"] == 300 and 0.005 < details["step_miss"] < 0.03  # the 2% noise
     # another process took the core during a tenth of the steps: they ran three times as long
     steps = [(rows, 3 * seconds if index % 10 == 0 else seconds) for index, (rows, seconds) in enumerate(_served_steps(1.2))]
-    factor, _ = fit_step_cost(steps, _ten_ms_plus_one_per_token)
+    factor, _, _ = fit_step_cost(steps, _ten_ms_plus_one_per_token)
     assert factor == pytest.approx(1.2, rel=0.03)
     rows = [RowShape(100, 1, True), RowShape(0, 64, False)]
     assert ServerOverhead(0.0, factor).scale(_ten_ms_plus_one_per_token)(rows) == \
         pytest.approx(factor * _ten_ms_plus_one_per_token(rows))
+
+
+def test_few_row_decode_steps_get_their_own_factor_and_only_they_do() -> None:
+    # Served decode steps of 1-4 rows ran at 0.7x their price, every other step at 1.0x (as W2 at a low
+    # rate showed behind the server); one factor would price both at ~0.85x.
+    steps = [(rows, (0.7 if is_few_row_step(rows) else 1.0) * seconds) for rows, seconds in _served_steps(1.0)]
+    factor, few_factor, details = fit_step_cost(steps, _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.0, rel=0.02) and few_factor == pytest.approx(0.7, rel=0.02)
+    assert details["few_row_steps"] >= 20 and details["step_miss"] < 0.03
+    scaled = ServerOverhead(0.0, factor, few_row_factor=few_factor).scale(_ten_ms_plus_one_per_token)
+    four, five = [RowShape(100, 1, True)] * 4, [RowShape(100, 1, True)] * 5
+    chunk = [RowShape(0, 3, True)]  # a prompt chunk of 3 tokens is not a decode step
+    assert scaled(four) == pytest.approx(few_factor * _ten_ms_plus_one_per_token(four))
+    assert scaled(five) == pytest.approx(factor * _ten_ms_plus_one_per_token(five))
+    assert scaled(chunk) == pytest.approx(factor * _ten_ms_plus_one_per_token(chunk))
+    # too few steps of either kind to tell them apart: one factor for all
+    few_only = [(rows, seconds) for rows, seconds in steps if is_few_row_step(rows)][:19] + \
+        [(rows, seconds) for rows, seconds in steps if not is_few_row_step(rows)]
+    assert fit_step_cost(few_only, _ten_ms_plus_one_per_token)[1] is None
+    assert "decode steps of 1-4 rows x0.700" in describe_overhead(ServerOverhead(0.0, 1.0, None, 0.7))
 
 
 def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:

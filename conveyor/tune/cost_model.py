@@ -24,6 +24,7 @@ import numpy as np
 
 from conveyor.config import ModelConfig
 from conveyor.engine.scheduler_output import SchedulerOutput
+from conveyor.model.int8_gemv import MAX_ROWS as FEW_ROWS  # the few-row C++ kernels' limit (linears, lm_head)
 
 FEATURES = ("step", "tokens", "sampled", "decode_rows", "decode_groups", "decode_keys", "prefill_chunks",
             "prefill_keys", "decode_keys_sq", "small_decode", "prefill_context", "mixed")
@@ -188,14 +189,25 @@ class ServerOverhead:
     request_seconds: float = 0.0
     step_factor: float = 1.0
     details: dict | None = None  # the measurement behind the figures, for the report
+    # Decode-only steps of at most FEW_ROWS rows (`is_few_row_step`) on their own factor; None: `step_factor`.
+    few_row_factor: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerOverhead:
         # NOTE: profiles before 2026-11-26 14:00 also kept a per-sampled-row term (`row_seconds`), since
-        # dropped (docs/tuning.md); it is ignored.
-        return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"))
+        # dropped (docs/tuning.md); it is ignored. Those before 17:30 have no `few_row_factor`.
+        return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"),
+                   data.get("few_row_factor"))
 
     def scale(self, step_seconds: Callable[[Sequence[RowShape]], float]) -> Callable[[Sequence[RowShape]], float]:
-        if self.step_factor == 1.0:
+        few = self.step_factor if self.few_row_factor is None else self.few_row_factor
+        if self.step_factor == 1.0 and few == 1.0:
             return step_seconds
-        return lambda rows: self.step_factor * step_seconds(rows)
+        return lambda rows: (few if is_few_row_step(rows) else self.step_factor) * step_seconds(rows)
+
+
+def is_few_row_step(rows: Sequence[RowShape]) -> bool:
+    """A decode-only step of 1..FEW_ROWS rows: its linears and lm_head run the few-row C++ kernels, and
+    behind the server such steps ran at x0.72-0.83 their in-process price while bigger ones ran at
+    x0.84-0.94 (W2 at 0.8 req/s, 2026-11-26 17:10): one factor for both misprices a lightly loaded server."""
+    return 0 < len(rows) <= FEW_ROWS and all(row.num_new == 1 for row in rows)

@@ -140,7 +140,7 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
     else:
         earlier = None if refresh else _fit_on_other_features(key, path.parent)
         profile = refit(earlier, key) if earlier else run_profile(config, plan, key)
-    if server_overhead and profile.server_overhead is None:
+    if server_overhead and _stale_overhead(profile.server_overhead):
         started = time.perf_counter()
         profile.server_overhead = measure_server_overhead(config, resolve_model_path(config.model),
                                                           profile.model_config, profile.cost_model)
@@ -149,6 +149,12 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
         return profile, path, False
     _save(profile, path)
     return profile, path, measured
+
+
+def _stale_overhead(overhead: ServerOverhead | None) -> bool:
+    """No server overhead yet, or one fit before few-row decode steps had a factor of their own (2026-11-26
+    17:30): measured again (~1 min) rather than mispricing a lightly loaded server's steps."""
+    return overhead is None or "few_row_steps" not in (overhead.details or {})
 
 
 def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:

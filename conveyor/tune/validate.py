@@ -33,6 +33,7 @@ from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, run_serve_benchmark
 from conveyor.config import EngineConfig
+from conveyor.tune.cost_model import FEW_ROWS
 from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
@@ -196,10 +197,11 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
     Not a prediction (it uses the measured steps' durations); an account of the error."""
     if not steps:
         return {}
-    factor, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
-    _, summary = tuner.at_step_cost(factor).run(candidate, load)
-    return {"run_step_factor": factor, "predicted_at_run_speed": summary,
+    factor, few_factor, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
+    _, summary = tuner.at_step_cost(factor, few_factor).run(candidate, load)
+    return {"run_step_factor": factor, "run_few_row_factor": few_factor, "predicted_at_run_speed": summary,
             "predicted_step_factor": tuner.overhead.step_factor,
+            "predicted_few_row_factor": tuner.overhead.few_row_factor,
             "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
 
 
@@ -243,7 +245,8 @@ def format_comparison(row: dict) -> str:
                      f"{'yes' if row['measured_meets_slo'] else 'no':>10}")
     if at_speed:
         lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
-                     f"x{row['predicted_step_factor']:.3f} in the prediction")
+                     f"x{row['predicted_step_factor']:.3f} in the prediction"
+                     + _few_rows(row.get("run_few_row_factor"), row.get("predicted_few_row_factor")))
         by_kind = row.get("run_step_factor_by_kind") or {}
         lines.append("  by kind: " + ", ".join(f"{kind} x{value['factor']:.3f} ({value['steps']} steps)"
                                              for kind, value in by_kind.items()))
@@ -251,6 +254,15 @@ def format_comparison(row: dict) -> str:
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
     return "\n".join(lines)
+
+
+def _few_rows(run: float | None, predicted: float | None) -> str:
+    if run is None and predicted is None:
+        return ""
+
+    def shown(factor: float | None) -> str:
+        return "as the rest" if factor is None else f"x{factor:.3f}"
+    return f"; decode steps of 1-{FEW_ROWS} rows: {shown(run)} in the run, {shown(predicted)} in the prediction"
 
 
 def _compared(row: dict) -> list[tuple[str, Callable[[dict], float], int]]:
