@@ -225,11 +225,12 @@ async def _send(base_url: str, requests: list[SimRequest]) -> tuple[list[Request
 
 
 @contextlib.asynccontextmanager
-async def served_steps(base_url: str) -> AsyncIterator[list[Step]]:
-    """The steps a server runs while the block runs (rows and duration each), read from its step stream."""
+async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = None) -> AsyncIterator[list[Step]]:
+    """The steps a server runs while the block runs (rows and duration each), read from its step stream;
+    with `engine_ttfts`, also each request's TTFT inside the engine (from reaching it to its first token)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=None) as client:
         steps: list[Step] = []
-        watcher = asyncio.ensure_future(_read_steps(client, steps))
+        watcher = asyncio.ensure_future(_read_steps(client, steps, engine_ttfts))
         await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
         try:
             yield steps
@@ -240,7 +241,7 @@ async def served_steps(base_url: str) -> AsyncIterator[list[Step]]:
                 await watcher
 
 
-async def _read_steps(client: httpx.AsyncClient, steps: list[Step]) -> None:
+async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts: dict[str, float] | None) -> None:
     """Append every step of the server's step stream (rows and duration) until cancelled."""
     async with client.stream("GET", "/v1/engine/steps") as response:
         if response.status_code != 200:
@@ -250,3 +251,6 @@ async def _read_steps(client: httpx.AsyncClient, steps: list[Step]) -> None:
                 step = json.loads(line[len("data: "):])
                 steps.append(([RowShape(start, num_new, bool(samples)) for start, num_new, samples in step["rows"]],
                               float(step["duration"])))
+                for update in step["updates"] if engine_ttfts is not None else []:
+                    if update["first_token"] is not None and update["arrival"] is not None:
+                        engine_ttfts[update["id"]] = update["first_token"] - update["arrival"]

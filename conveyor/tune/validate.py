@@ -31,7 +31,7 @@ import numpy as np
 
 from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
-from conveyor.bench.serve import ServeSettings, run_serve_benchmark
+from conveyor.bench.serve import ServeSettings, percentiles, run_serve_benchmark
 from conveyor.config import EngineConfig
 from conveyor.tune.cost_model import FEW_ROWS
 from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
@@ -116,8 +116,11 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
 
 
 async def _watched(base_url: str, benchmark: Coroutine[Any, Any, dict]) -> tuple[dict, list[Step]]:
-    async with served_steps(base_url) as steps:
+    engine_ttfts: dict[str, float] = {}
+    async with served_steps(base_url, engine_ttfts) as steps:
         summary = await benchmark
+    if engine_ttfts:  # where the client's TTFT went: inside the engine, or around it (HTTP, hand-off, delivery)
+        summary["engine_ttft_s"] = percentiles(list(engine_ttfts.values()))
     return summary, steps
 
 
@@ -250,6 +253,10 @@ def format_comparison(row: dict) -> str:
         by_kind = row.get("run_step_factor_by_kind") or {}
         lines.append("  by kind: " + ", ".join(f"{kind} x{value['factor']:.3f} ({value['steps']} steps)"
                                              for kind, value in by_kind.items()))
+    if "engine_ttft_s" in row["measured"]:
+        engine, client = row["measured"]["engine_ttft_s"], row["measured"]["ttft_s"]
+        lines.append(f"  measured TTFT inside the engine: p50 {1000 * engine['p50']:.1f}, p99 {1000 * engine['p99']:.1f} ms "
+                     f"(the client's p50 is {1000 * (client['p50'] - engine['p50']):.1f} ms more)")
     if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
