@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +45,10 @@ def test_an_add_that_raises_fails_that_request_alone(llm: AsyncLLM, monkeypatch:
     engine = llm.engine
     original = engine.add_request
 
-    def add_request(prompt: list[int], params: SamplingParams, request_id: str) -> object:
+    def add_request(prompt: list[int], params: SamplingParams, request_id: str, arrival_time: float) -> object:
         if request_id == "poison":
             raise TypeError("injected: the tokenizer choked")
-        return original(prompt, params, request_id=request_id)
+        return original(prompt, params, request_id=request_id, arrival_time=arrival_time)
 
     monkeypatch.setattr(engine, "add_request", add_request)
 
@@ -112,3 +113,22 @@ def test_a_failing_loop_tells_every_stream_and_refuses_new_work(llm: AsyncLLM,
     with pytest.raises(EngineDeadError):
         asyncio.run(_tokens(llm, [1, 5], "too late"))
     llm.abort("doomed")  # a no-op now, not an error: it runs in cleanups
+
+
+def test_a_requests_arrival_is_when_it_was_sent_not_when_the_engine_took_it(llm: AsyncLLM) -> None:
+    # The engine thread is busy (a 0.3 s call, as a long step would be) when the request is sent: that
+    # wait is part of its TTFT, so its arrival is stamped on the caller's side.
+    async def main() -> tuple[float, float, float]:
+        busy = asyncio.ensure_future(llm.call(lambda engine: time.sleep(0.3)))
+        await asyncio.sleep(0.05)  # the call is under way
+        sent = time.monotonic()
+        last = None
+        async for output in llm.generate([1, 5, 6], GREEDY, "late"):
+            last = output
+        await busy
+        assert last is not None and last.metrics is not None
+        return sent, last.metrics.arrival_time, last.metrics.first_token_time
+
+    sent, arrival, first_token = asyncio.run(main())
+    assert sent <= arrival < sent + 0.05
+    assert first_token - arrival >= 0.2  # the engine was busy for the rest of the 0.3 s

@@ -117,7 +117,9 @@ class AsyncLLM(OutputStreams):
         iterated must be aborted by the caller."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._send("add", (request_id, prompt, params, stream, added))
+        # NOTE: stamped here, not when the engine thread drains the queue at the next step boundary: the
+        # wait for the step under way is part of the request's TTFT (metrics, the dashboard, `tune`).
+        self._send("add", (request_id, prompt, params, stream, added, time.monotonic()))
         await asyncio.wrap_future(added)  # raises the engine's ValueError for impossible requests
         return self._iterate(request_id, stream.queue)
 
@@ -213,9 +215,9 @@ class AsyncLLM(OutputStreams):
                     done.set_exception(error)
 
     def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, stream: _Stream,
-             added: concurrent.futures.Future[None]) -> None:
+             added: concurrent.futures.Future[None], arrival_time: float) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id=request_id)
+            self.engine.add_request(prompt, params, request_id=request_id, arrival_time=arrival_time)
         except ValueError as error:  # the engine's word for a request that can never run: nothing was added
             added.set_exception(error)
             return

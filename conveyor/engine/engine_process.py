@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -131,7 +132,9 @@ class EngineProcess(OutputStreams):
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
         try:
-            self._send(("add", request_id, prompt, params))
+            # stamped here: the wait for the engine's step under way counts in the request's TTFT
+            # (CLOCK_MONOTONIC is one clock for both processes)
+            self._send(("add", request_id, prompt, params, time.monotonic()))
             await stream.added
         except BaseException:
             self._streams.pop(request_id, None)
@@ -356,9 +359,9 @@ def _handle(engine: LLMEngine, conn: Connection, message: tuple[Any, ...], in_fl
             trimmers: dict[str, OutputTrimmer]) -> None:
     kind = message[0]
     if kind == "add":
-        _, request_id, prompt, params = message
+        _, request_id, prompt, params, arrival_time = message
         try:
-            engine.add_request(prompt, params, request_id=request_id)
+            engine.add_request(prompt, params, request_id=request_id, arrival_time=arrival_time)
         except ValueError as error:  # the engine's word for a request that can never run: nothing was added
             conn.send(("added", request_id, error))
             return
