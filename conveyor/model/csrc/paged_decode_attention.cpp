@@ -12,7 +12,7 @@
 //   2. an exact softmax per query head over the row's scores (a two-pass softmax: the scores of one
 //      row fit in a few KiB, so there is no need for an online one);
 //   3. out[g] = sum_j p[g][j] * v[j].
-// With AVX-512 and head dims a multiple of 64, the loops are register-blocked: two keys at a time
+// With AVX-512, a bf16 or fp16 cache and head dims a multiple of 64, the loops are register-blocked: two keys at a time
 // against every query head for the scores (each key converted to fp32 once for all G heads), up to 4
 // heads x 64 dims of accumulators held in registers while the values stream by, exp vectorized. A
 // decode step reads ~1 KiB of K/V per key and layer, so this runs at the memory's speed.
@@ -220,8 +220,9 @@ void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_ca
                 int64_t first_key, int64_t end_key, scalar_t* out, int64_t group, int64_t head_dim,
                 int64_t block_size, int64_t token_stride, float scale, std::vector<float>& buffer) {
 #if defined(__AVX512F__)
-  constexpr bool vectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16> ||
-                              std::is_same_v<scalar_t, at::Half>;
+  // 16-bit caches only: in fp32 (2 KiB of K/V per key and layer) these loops measured slower on W1 than
+  // the plain ones (docs/benchmarks.md, "Decode attention, register-blocked").
+  constexpr bool vectorized = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
   if constexpr (vectorized) if (head_dim % 64 == 0 && end_key > first_key) {
     decode_one_avx512(q, k_cache, v_cache, blocks, first_key, end_key, out, group, head_dim, block_size,
                       token_stride, scale, buffer);
