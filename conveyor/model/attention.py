@@ -6,7 +6,8 @@ each request's share of the flat batch as a `SequenceSpan` (plain ints and block
 sliding window) shares. It imports nothing from the engine.
 
 Decode rows get a gather table of their blocks and a mask, grouped by context length so a short row is
-not padded up to the step's longest; prefill chunks get the cache slots of their keys and a causal
+not padded up to the step's longest (the C++ decode kernel takes them all in one group: it reads each row's
+own bounds); prefill chunks get the cache slots of their keys and a causal
 (windowed) mask for the torch path, and their block table and first position for the C++ kernel.
 """
 
