@@ -12,10 +12,11 @@
 //   2. an exact softmax per query head over the row's scores (a two-pass softmax: the scores of one
 //      row fit in a few KiB, so there is no need for an online one);
 //   3. out[g] = sum_j p[g][j] * v[j].
-// With AVX-512, a bf16 or fp16 cache and head dims a multiple of 64, the loops are register-blocked: two keys at a time
-// against every query head for the scores (each key converted to fp32 once for all G heads), up to 4
-// heads x 64 dims of accumulators held in registers while the values stream by, exp vectorized. A
-// decode step reads ~1 KiB of K/V per key and layer, so this runs at the memory's speed.
+// With AVX-512, a bf16 or fp16 cache and head dims a multiple of 64, the loops are register-blocked:
+// two keys at a time against every query head for the scores (each key converted to fp32 once for all
+// G heads), up to 4 heads x 64 dims of accumulators held in registers while the values stream by, exp
+// vectorized. Then reading the scattered blocks bounds it (~10 GB/s here, where a streaming read makes
+// ~28: docs/benchmarks.md, "W1 bf16 by step kind").
 // The (row, KV head) tasks are split over torch's intra-op threads in contiguous runs of equal key
 // counts (rows of a step differ in length by up to the model's context).
 
