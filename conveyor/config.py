@@ -20,9 +20,10 @@ ATTENTION_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.attention_ker
 LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel` accepts (conveyor.model.kernels)
 ELEMENTWISE_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.elementwise_kernel` accepts (conveyor.model.fused_ops)
 # Bumped whenever a kernel path changes what a step computes or costs under the same flags (2: the few-row
-# int8 kernel and lossless int8 lm_head; 3: its few-row bf16 product; 4: the prefill attention kernel): a tune
+# int8 kernel and lossless int8 lm_head; 3: its few-row bf16 product; 4: the prefill attention kernel;
+# 5: the register-blocked decode attention kernel, one call for all decode rows): a tune
 # profile and `system_fingerprint` both carry it.
-KERNELS_REVISION = 4
+KERNELS_REVISION = 5
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

@@ -6,7 +6,8 @@ each request's share of the flat batch as a `SequenceSpan` (plain ints and block
 sliding window) shares. It imports nothing from the engine.
 
 Decode rows get a gather table of their blocks and a mask, grouped by context length so a short row is
-not padded up to the step's longest; prefill chunks get the cache slots of their keys and a causal
+not padded up to the step's longest (the C++ decode kernel takes them all in one group: it reads each row's
+own bounds); prefill chunks get the cache slots of their keys and a causal
 (windowed) mask for the torch path, and their block table and first position for the C++ kernel.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,20 @@ class WindowView:
 
     prefills: list[PrefillChunk]
     decode_groups: list[DecodeGroup]
+    # What `one_decode_group` needs: the decode rows' spans and how the groups were built.
+    decode_spans: list[SequenceSpan] = field(default_factory=list)
+    block_size: int = 1
+    window: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @functools.cached_property
+    def one_decode_group(self) -> DecodeGroup | None:
+        """Every decode row in one group, for the C++ kernel: it reads each row's own key bounds, so the
+        padding that grouping by length saves the torch path costs it nothing, while each extra group is a
+        call of its own, with its rows gathered and scattered and fewer rows to spread over the threads."""
+        if len(self.decode_groups) <= 1:
+            return self.decode_groups[0] if self.decode_groups else None
+        return _decode_group(self.decode_spans, self.block_size, self.window, self.device)
 
 
 @dataclass
@@ -106,7 +121,7 @@ def build_attention_metadata(spans: list[SequenceSpan], block_size: int, sliding
         groups = [_decode_group(group, block_size, window, device)
                   for group in _group_by_length(decodes, block_size, window)]
         chunks = [_prefill_chunk(span, block_size, window, device) for span in prefills]
-        return WindowView(chunks, groups)
+        return WindowView(chunks, groups, decodes, block_size, window, device)
 
     full = view(None)
     # A window no span reaches past sees every key the full view sees: share its tensors.
@@ -213,7 +228,10 @@ class PagedAttention(nn.Module):
 
         view = meta.sliding if self.sliding_window is not None else meta.full
         out = torch.empty_like(q)
-        for group in view.decode_groups:
+        groups = view.decode_groups
+        if self.decode_kernel is not None and len(groups) > 1:
+            groups = [view.one_decode_group]  # type: ignore[list-item]  # not None: there are decode rows
+        for group in groups:
             rows = group.rows if group.rows is not None else group.token_indices
             out[rows] = self._decode(q[rows], k_cache, v_cache, group)
         for chunk in view.prefills:
