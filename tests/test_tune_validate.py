@@ -202,8 +202,9 @@ def _served_steps(factor: float, seed: int = 0) -> list[tuple[list[RowShape], fl
 
 
 def test_the_step_fit_recovers_a_known_factor_from_served_steps_and_ignores_stalls() -> None:
-    factor, few_factor, details = fit_step_cost(_served_steps(1.1), _ten_ms_plus_one_per_token)
-    assert factor == pytest.approx(1.1, rel=0.01) and few_factor == pytest.approx(1.1, rel=0.02)
+    factor, few_factors, details = fit_step_cost(_served_steps(1.1), _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.1, rel=0.01)
+    assert few_factors is not None and all(f == pytest.approx(1.1, rel=0.03) for f in few_factors)
     assert details["served_steps"] == 300 and 0.005 < details["step_miss"] < 0.03  # the 2% noise
     # another process took the core during a tenth of the steps: they ran three times as long
     steps = [(rows, 3 * seconds if index % 10 == 0 else seconds) for index, (rows, seconds) in enumerate(_served_steps(1.2))]
@@ -214,24 +215,34 @@ def test_the_step_fit_recovers_a_known_factor_from_served_steps_and_ignores_stal
         pytest.approx(factor * _ten_ms_plus_one_per_token(rows))
 
 
-def test_few_row_decode_steps_get_their_own_factor_and_only_they_do() -> None:
-    # Served decode steps of 1-4 rows ran at 0.7x their price, every other step at 1.0x (as W2 at a low
-    # rate showed behind the server); one factor would price both at ~0.85x.
-    steps = [(rows, (0.7 if is_few_row_step(rows) else 1.0) * seconds) for rows, seconds in _served_steps(1.0)]
-    factor, few_factor, details = fit_step_cost(steps, _ten_ms_plus_one_per_token)
-    assert factor == pytest.approx(1.0, rel=0.02) and few_factor == pytest.approx(0.7, rel=0.02)
-    assert details["few_row_steps"] >= 20 and details["step_miss"] < 0.03
-    scaled = ServerOverhead(0.0, factor, few_row_factor=few_factor).scale(_ten_ms_plus_one_per_token)
-    four, five = [RowShape(100, 1, True)] * 4, [RowShape(100, 1, True)] * 5
+def test_few_row_decode_steps_get_a_factor_per_row_count_and_only_they_do() -> None:
+    # Served decode steps of 1 row ran at 0.7x their price, of 2-4 rows at 0.9x, every other step at 1.0x
+    # (as W2 at a low rate showed behind the server); one factor would blur them all.
+    def served_factor(rows: list[RowShape]) -> float:
+        return (0.7 if len(rows) == 1 else 0.9) if is_few_row_step(rows) else 1.0
+
+    base = _served_steps(1.0) + [([RowShape(40 + i, 1, True)], 0.0) for i in range(30)]  # enough 1-row steps
+    steps = [(rows, served_factor(rows) * _ten_ms_plus_one_per_token(rows)) for rows, _ in base]
+    factor, few_factors, details = fit_step_cost(steps, _ten_ms_plus_one_per_token)
+    assert factor == pytest.approx(1.0) and few_factors is not None
+    assert few_factors[0] == pytest.approx(0.7) and few_factors[3] == pytest.approx(0.9)
+    assert details["few_row_counts"][0] >= 30 and details["step_miss"] < 1e-9
+    scaled = ServerOverhead(0.0, factor, few_row_factors=few_factors).scale(_ten_ms_plus_one_per_token)
+    one, four, five = [RowShape(100, 1, True)], [RowShape(100, 1, True)] * 4, [RowShape(100, 1, True)] * 5
     chunk = [RowShape(0, 3, True)]  # a prompt chunk of 3 tokens is not a decode step
-    assert scaled(four) == pytest.approx(few_factor * _ten_ms_plus_one_per_token(four))
-    assert scaled(five) == pytest.approx(factor * _ten_ms_plus_one_per_token(five))
-    assert scaled(chunk) == pytest.approx(factor * _ten_ms_plus_one_per_token(chunk))
-    # too few steps of either kind to tell them apart: one factor for all
+    assert scaled(one) == pytest.approx(0.7 * _ten_ms_plus_one_per_token(one))
+    assert scaled(four) == pytest.approx(0.9 * _ten_ms_plus_one_per_token(four))
+    assert scaled(five) == pytest.approx(_ten_ms_plus_one_per_token(five))
+    assert scaled(chunk) == pytest.approx(_ten_ms_plus_one_per_token(chunk))
+    # too few few-row steps to tell them apart: one factor for all
     few_only = [(rows, seconds) for rows, seconds in steps if is_few_row_step(rows)][:19] + \
         [(rows, seconds) for rows, seconds in steps if not is_few_row_step(rows)]
     assert fit_step_cost(few_only, _ten_ms_plus_one_per_token)[1] is None
-    assert "decode steps of 1-4 rows x0.700" in describe_overhead(ServerOverhead(0.0, 1.0, None, 0.7))
+    described = describe_overhead(ServerOverhead(0.0, 1.0, None, (0.7, 0.9, 0.9, 0.9)))
+    assert "decode steps of 1-4 rows x0.70/0.90/0.90/0.90" in described
+    # what a profile keeps (JSON: a list) comes back as the same factors
+    assert ServerOverhead.from_dict({"step_factor": 1.0, "few_row_factors": [0.7, 0.9, 0.9, 0.9]}).few_row_factors \
+        == (0.7, 0.9, 0.9, 0.9)
 
 
 def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:

@@ -184,11 +184,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def describe_overhead(overhead: ServerOverhead) -> str:
-    from conveyor.tune.cost_model import FEW_ROWS
+    from conveyor.tune.cost_model import FEW_ROWS, describe_few_row_factors
 
     text = f"steps x{overhead.step_factor:.3f}, {1000 * overhead.request_seconds:.1f} ms per request"
-    if overhead.few_row_factor is not None:
-        text += f", decode steps of 1-{FEW_ROWS} rows x{overhead.few_row_factor:.3f}"
+    if overhead.few_row_factors is not None:
+        text += f", decode steps of 1-{FEW_ROWS} rows {describe_few_row_factors(overhead.few_row_factors)}"
     details = overhead.details or {}
     if "step_miss" in details:  # NOTE: a profile cached before 2026-11-26 14:00 has other details
         text += (f" (from {details['served_steps']} served steps, median miss {100 * details['step_miss']:.1f}%; "

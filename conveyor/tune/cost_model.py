@@ -189,25 +189,37 @@ class ServerOverhead:
     request_seconds: float = 0.0
     step_factor: float = 1.0
     details: dict | None = None  # the measurement behind the figures, for the report
-    # Decode-only steps of at most FEW_ROWS rows (`is_few_row_step`) on their own factor; None: `step_factor`.
-    few_row_factor: float | None = None
+    # Decode-only steps of 1..FEW_ROWS rows (`is_few_row_step`): a factor per row count; None: `step_factor`.
+    few_row_factors: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerOverhead:
         # NOTE: profiles before 2026-11-26 14:00 also kept a per-sampled-row term (`row_seconds`), since
-        # dropped (docs/tuning.md); it is ignored. Those before 17:30 have no `few_row_factor`.
+        # dropped (docs/tuning.md); it is ignored. Those before 18:40 have no `few_row_factors` (one
+        # `few_row_factor` between 17:30 and 18:40: measured again, see `profile._stale_overhead`).
+        factors = data.get("few_row_factors")
         return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"),
-                   data.get("few_row_factor"))
+                   tuple(factors) if factors else None)
+
+    def factor_of(self, rows: Sequence[RowShape]) -> float:
+        if self.few_row_factors is not None and is_few_row_step(rows):
+            return self.few_row_factors[len(rows) - 1]
+        return self.step_factor
 
     def scale(self, step_seconds: Callable[[Sequence[RowShape]], float]) -> Callable[[Sequence[RowShape]], float]:
-        few = self.step_factor if self.few_row_factor is None else self.few_row_factor
-        if self.step_factor == 1.0 and few == 1.0:
+        if self.step_factor == 1.0 and self.few_row_factors is None:
             return step_seconds
-        return lambda rows: (few if is_few_row_step(rows) else self.step_factor) * step_seconds(rows)
+        return lambda rows: self.factor_of(rows) * step_seconds(rows)
+
+
+def describe_few_row_factors(factors: Sequence[float] | None) -> str:
+    """'x0.78/0.84/0.96/0.96' (1..FEW_ROWS rows), or 'as the rest' for None."""
+    return "as the rest" if factors is None else "x" + "/".join(f"{factor:.2f}" for factor in factors)
 
 
 def is_few_row_step(rows: Sequence[RowShape]) -> bool:
-    """A decode-only step of 1..FEW_ROWS rows: its linears and lm_head run the few-row C++ kernels, and
-    behind the server such steps ran at x0.72-0.83 their in-process price while bigger ones ran at
-    x0.84-0.94 (W2 at 0.8 req/s, 2026-11-26 17:10): one factor for both misprices a lightly loaded server."""
+    """A decode-only step of 1..FEW_ROWS rows: its linears and lm_head run the few-row C++ kernels. Behind
+    the server such steps ran at x0.72-0.78 (1 row), x0.83-0.84 (2) and x0.94-0.96 (3-4) their in-process
+    price, bigger ones at x0.84-0.94 (W2 at 0.5-0.8 req/s, 2026-11-26): one factor misprices a lightly
+    loaded server's steps."""
     return 0 < len(rows) <= FEW_ROWS and all(row.num_new == 1 for row in rows)

@@ -39,7 +39,7 @@ from conveyor.bench.serve import (
     stream_request,
 )
 from conveyor.config import EngineConfig, ModelConfig
-from conveyor.tune.cost_model import CostModel, RowShape, ServerOverhead, is_few_row_step
+from conveyor.tune.cost_model import FEW_ROWS, CostModel, RowShape, ServerOverhead, is_few_row_step
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate
 from conveyor.tune.simulator import SimRequest, simulate
@@ -102,7 +102,7 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
     if not steps:
         raise RuntimeError("measuring the server overhead: the server's step stream (/v1/engine/steps) sent no step")
     factor, few_factor, step_details = fit_step_cost(steps, cost_model.step_seconds)
-    step_cost = ServerOverhead(0.0, factor, few_row_factor=few_factor).scale(cost_model.step_seconds)
+    step_cost = ServerOverhead(0.0, factor, few_row_factors=few_factor).scale(cost_model.step_seconds)
     timings = [(r.ttft, r.itls) for r in measured]
     delay = fit_request_seconds([t for t, _ in timings], lambda d: [t for t, _ in simulated(timed, step_cost, d)])
     # The request-timing fit (the factor before 2026-11-26 09:30), kept in the details to compare with.
@@ -113,33 +113,42 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
                    ttft_measured=[t for t, _ in timings], ttft_simulated=[t for t, _ in simulated_now],
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
                    factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
-    logger.info("server overhead from %d served steps: x%.3f (few-row steps x%s), %.1f ms per request (by request "
+    logger.info("server overhead from %d served steps: x%.3f (steps of 1-4 rows x%s), %.1f ms per request (by request "
                 "timings: x%.3f, %.1f ms)", len(steps), factor, few_factor, 1000 * delay, by_requests.step_factor,
                 1000 * by_requests.request_seconds)
     return ServerOverhead(delay, factor, details, few_factor)
 
 
-def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]) -> tuple[float, float | None, dict]:
-    """(step factor, few-row factor, details): a served step takes `factor x price(rows)`, the factor being
+def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]
+                  ) -> tuple[float, tuple[float, ...] | None, dict]:
+    """(step factor, few-row factors, details): a served step takes `factor x price(rows)`, the factor being
     the median of served over priced time (a few steps slowed by another process do not set it); decode
-    steps of at most FEW_ROWS rows get their own median (`is_few_row_step`), or None with fewer than
-    MIN_STEPS of them (then they take the step factor too).
+    steps of n <= FEW_ROWS rows get the median of their own (`few_row_factors[n - 1]`; the few-row steps'
+    median for a row count with fewer than MIN_STEPS steps), or None when there are fewer than MIN_STEPS
+    few-row steps or other steps (then they take the step factor too).
 
     (Until 2026-11-26 14:00 a second term, seconds per sampled row, was fit beside it by least absolute
     relative error when it lowered the median miss. On the overhead run's steps it is confounded with the
     machine's drift during the run: seven fits gave -1.0 to +2.3 ms, and +2.3 ms, extrapolated from the
     run's 24 rows to a chat server's 64, priced W3's steps 45% too high; docs/tuning.md.)"""
     priced = [(rows, seconds / cost) for rows, seconds in steps if (cost := price(rows)) > 0 and seconds > 0]
-    few = np.array([ratio for rows, ratio in priced if is_few_row_step(rows)])
+    few = [(len(rows), ratio) for rows, ratio in priced if is_few_row_step(rows)]
     other = np.array([ratio for rows, ratio in priced if not is_few_row_step(rows)])
-    split = len(few) >= MIN_STEPS and len(other) >= MIN_STEPS
     every = np.array([ratio for _, ratio in priced])
-    factor = float(np.median(other if split else every))
-    few_factor = float(np.median(few)) if split else None
-    expected = np.array([few_factor if split and is_few_row_step(rows) else factor for rows, _ in priced])
+    few_factors = None
+    if len(few) >= MIN_STEPS and len(other) >= MIN_STEPS:
+        factor = float(np.median(other))
+        overall = float(np.median([ratio for _, ratio in few]))
+        by_count = [[ratio for count, ratio in few if count == n] for n in range(1, FEW_ROWS + 1)]
+        few_factors = tuple(float(np.median(r)) if len(r) >= MIN_STEPS else overall for r in by_count)
+    else:
+        factor = float(np.median(every))
+    overhead = ServerOverhead(0.0, factor, few_row_factors=few_factors)
+    expected = np.array([overhead.factor_of(rows) for rows, _ in priced])
     details = {"served_steps": int(len(every)), "few_row_steps": int(len(few)),
+               "few_row_counts": [sum(1 for count, _ in few if count == n) for n in range(1, FEW_ROWS + 1)],
                "step_miss": float(np.median(np.abs(expected / every - 1.0)))}
-    return factor, few_factor, details
+    return factor, few_factors, details
 
 
 STEP_KINDS = ("decode", "mixed", "prompt")  # decode rows only; prompt chunks beside decodes; prompt chunks only

@@ -152,10 +152,10 @@ class Tuner:
                                       slo_tpot=slo.tpot or math.inf)
         self.num_simulations = 0
 
-    def at_step_cost(self, step_factor: float, few_row_factor: float | None = None) -> Tuner:
+    def at_step_cost(self, step_factor: float, few_row_factors: tuple[float, ...] | None = None) -> Tuner:
         """The same tuner with served steps costing `step_factor` x their price (few-row decode steps
-        `few_row_factor`) and the same time per request: the prediction at another moment's speed."""
-        overhead = replace(self.overhead, step_factor=step_factor, few_row_factor=few_row_factor)
+        `few_row_factors`) and the same time per request: the prediction at another moment's speed."""
+        overhead = replace(self.overhead, step_factor=step_factor, few_row_factors=few_row_factors)
         return Tuner(self.base, self.model_path, self.model_config, self.cost_model, self.workload, self.slo, overhead,
                      self.margin)
 

@@ -33,7 +33,7 @@ from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, percentiles, run_serve_benchmark
 from conveyor.config import EngineConfig
-from conveyor.tune.cost_model import FEW_ROWS
+from conveyor.tune.cost_model import FEW_ROWS, describe_few_row_factors
 from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
@@ -202,9 +202,9 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
         return {}
     factor, few_factor, _ = fit_step_cost(steps, tuner.cost_model.step_seconds)
     _, summary = tuner.at_step_cost(factor, few_factor).run(candidate, load)
-    return {"run_step_factor": factor, "run_few_row_factor": few_factor, "predicted_at_run_speed": summary,
+    return {"run_step_factor": factor, "run_few_row_factors": few_factor, "predicted_at_run_speed": summary,
             "predicted_step_factor": tuner.overhead.step_factor,
-            "predicted_few_row_factor": tuner.overhead.few_row_factor,
+            "predicted_few_row_factors": tuner.overhead.few_row_factors,
             "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
 
 
@@ -249,7 +249,7 @@ def format_comparison(row: dict) -> str:
     if at_speed:
         lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
                      f"x{row['predicted_step_factor']:.3f} in the prediction"
-                     + _few_rows(row.get("run_few_row_factor"), row.get("predicted_few_row_factor")))
+                     + _few_rows(row.get("run_few_row_factors"), row.get("predicted_few_row_factors")))
         by_kind = row.get("run_step_factor_by_kind") or {}
         lines.append("  by kind: " + ", ".join(f"{kind} x{value['factor']:.3f} ({value['steps']} steps)"
                                              for kind, value in by_kind.items()))
@@ -263,13 +263,11 @@ def format_comparison(row: dict) -> str:
     return "\n".join(lines)
 
 
-def _few_rows(run: float | None, predicted: float | None) -> str:
+def _few_rows(run: list[float] | tuple[float, ...] | None, predicted: list[float] | tuple[float, ...] | None) -> str:
     if run is None and predicted is None:
         return ""
-
-    def shown(factor: float | None) -> str:
-        return "as the rest" if factor is None else f"x{factor:.3f}"
-    return f"; decode steps of 1-{FEW_ROWS} rows: {shown(run)} in the run, {shown(predicted)} in the prediction"
+    return (f"; decode steps of 1-{FEW_ROWS} rows: {describe_few_row_factors(run)} in the run, "
+            f"{describe_few_row_factors(predicted)} in the prediction")
 
 
 def _compared(row: dict) -> list[tuple[str, Callable[[dict], float], int]]:
