@@ -39,7 +39,14 @@ from conveyor.bench.serve import (
     stream_request,
 )
 from conveyor.config import EngineConfig, ModelConfig
-from conveyor.tune.cost_model import FEW_ROWS, CostModel, RowShape, ServerOverhead, is_few_row_step
+from conveyor.tune.cost_model import (
+    FEW_ROWS,
+    CostModel,
+    RowShape,
+    ServerOverhead,
+    describe_few_row_factors,
+    is_few_row_step,
+)
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate
 from conveyor.tune.simulator import SimRequest, simulate
@@ -113,9 +120,9 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
                    ttft_measured=[t for t, _ in timings], ttft_simulated=[t for t, _ in simulated_now],
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
                    factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
-    logger.info("server overhead from %d served steps: x%.3f (steps of 1-4 rows x%s), %.1f ms per request (by request "
-                "timings: x%.3f, %.1f ms)", len(steps), factor, few_factor, 1000 * delay, by_requests.step_factor,
-                1000 * by_requests.request_seconds)
+    logger.info("server overhead from %d served steps: x%.3f (decode steps of 1-%d rows %s), %.1f ms per request (by "
+                "request timings: x%.3f, %.1f ms)", len(steps), factor, FEW_ROWS, describe_few_row_factors(few_factor),
+                1000 * delay, by_requests.step_factor, 1000 * by_requests.request_seconds)
     return ServerOverhead(delay, factor, details, few_factor)
 
 

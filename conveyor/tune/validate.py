@@ -87,7 +87,8 @@ def _warm_up(base_url: str) -> None:
     """First calls pay one-off costs (lazy imports, first kernel calls, the allocator growing its pools) that
     the profile, taken on a warm engine, does not price: pay them before the measured run. A few requests at
     once, with prompts long enough for full prompt chunks, cover prefill, mixed and batched decode steps.
-    Their token ids (below 100) are not in any workload's prompts, so they leave nothing the run could hit."""
+    Their first block (BOS, then ids 5..94) starts no workload's prompt (W1's ids are 1000 and up, a chat's
+    second token is its template's), so the prefix cache gives the run nothing of theirs."""
     max_model_len = httpx.get(f"{base_url}/v1/models", timeout=30.0).json()["data"][0]["max_model_len"]
     length = min(WARM_UP_PROMPT_TOKENS, max_model_len // 2)
 

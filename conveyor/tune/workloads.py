@@ -64,18 +64,18 @@ def w3_workload(make_conversations: Callable[[float], list[Conversation]], encod
         answers = [[[int(t) for t in rng.integers(*_TOKEN_RANGE, size=n)] for n in c.answer_lens]
                    for c in conversations]
         ids = itertools.count()
-        request_turns: dict[str, tuple[int, int]] = {}  # request id -> (conversation, turn)
+        request_conversation: dict[str, int] = {}  # request id -> conversation (its turn is on the request)
 
         def turn(index: int, number: int, history: list[int], arrival: float) -> SimRequest:
             conversation = conversations[index]
             prompt = history + template + encode(conversation.user_messages[number])
             request = SimRequest(f"c{index}t{number}.{next(ids)}", arrival, prompt,
                                  conversation.answer_lens[number], answers[index][number], turn=number + 1)
-            request_turns[request.request_id] = (index, number)
+            request_conversation[request.request_id] = index
             return request
 
         def follow_up(result: SimResult, clock: float) -> list[SimRequest]:
-            index, number = request_turns[result.request.request_id]
+            index, number = request_conversation[result.request.request_id], (result.request.turn or 1) - 1
             conversation = conversations[index]
             if number + 1 >= len(conversation.user_messages):
                 return []
