@@ -262,28 +262,26 @@ def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:
 
 
 def test_a_slower_machine_scales_every_step_factor_and_not_the_time_per_request() -> None:
-    fit = ServerOverhead(0.04, 1.1, {"few_row_counts": [30, 30, 30, 30]}, (0.8, 0.9, 1.0, 1.0), (1.05, 0.8))
-    now = fit.at_speed(1.2, 0.9)  # the few-row steps apart: they drift apart from the rest
+    fit = ServerOverhead(0.04, 1.1, {"few_row_counts": [30, 30, 30, 30]}, (0.8, 0.9, 1.0, 1.0), probe_factor=1.05)
+    now = fit.at_speed(1.2)
     assert now.step_factor == pytest.approx(1.32) and now.request_seconds == 0.04
-    assert now.few_row_factors == pytest.approx((0.72, 0.81, 0.9, 0.9))
-    assert ServerOverhead(0.0, 1.1).at_speed(0.9, 0.8).few_row_factors is None
-    # the probe's readings are kept with the profile (JSON: a list); one measured without a probe is measured again
-    assert ServerOverhead.from_dict({"step_factor": 1.1, "probe_factors": [1.05, 0.8]}).probe_factors == (1.05, 0.8)
+    assert now.few_row_factors == pytest.approx((0.96, 1.08, 1.2, 1.2))
+    assert ServerOverhead(0.0, 1.1).at_speed(0.9).few_row_factors is None
+    # the probe's reading is kept with the profile; one measured without a probe is measured again
+    assert ServerOverhead.from_dict({"step_factor": 1.1, "probe_factor": 1.05}).probe_factor == 1.05
     assert not _stale_overhead(fit)
     assert _stale_overhead(ServerOverhead(0.04, 1.1, {"few_row_counts": [30, 30, 30, 30]}, (0.8, 0.9, 1.0, 1.0)))
 
 
-def test_the_speed_probe_is_a_fixed_burst_then_a_lone_request_sharing_no_block_with_the_warm_up() -> None:
-    burst, lone = probe_requests(max_model_len=2048)
-    assert len(burst) == 16 and all(r.arrival_time == 0.0 for r in burst)
-    assert {len(r.prompt_token_ids) for r in burst} == {129} and {r.output_len for r in burst} == {32}
-    assert (len(lone.prompt_token_ids), lone.output_len) == (33, 48)
-    assert (burst, lone) == probe_requests(2048)  # the same on every server
+def test_the_speed_probe_is_a_fixed_burst_that_shares_no_block_with_the_warm_up() -> None:
+    probe = probe_requests(max_model_len=2048)
+    assert len(probe) == 16 and all(r.arrival_time == 0.0 for r in probe)
+    assert {len(r.prompt_token_ids) for r in probe} == {129} and {r.output_len for r in probe} == {32}
+    assert [r.prompt_token_ids for r in probe] == [r.prompt_token_ids for r in probe_requests(2048)]  # every server
     warm_up = {tuple(rotation_prompt(i, WARM_UP_PROMPT_TOKENS)[:16]) for i in range(WARM_UP_REQUESTS)}
-    firsts = {tuple(r.prompt_token_ids[:16]) for r in [*burst, lone]}
-    assert len(firsts) == 17 and not firsts & warm_up
-    small = probe_requests(128)
-    assert max(len(r.prompt_token_ids) + r.output_len for r in [*small[0], small[1]]) <= 128  # fits a small model
+    firsts = {tuple(r.prompt_token_ids[:16]) for r in probe}
+    assert len(firsts) == 16 and not firsts & warm_up
+    assert max(len(r.prompt_token_ids) + r.output_len for r in probe_requests(128)) <= 128  # fits a small model
 
 
 def test_a_comparison_shows_the_probed_prediction_beside_the_unprobed_one() -> None:
@@ -291,13 +289,12 @@ def test_a_comparison_shows_the_probed_prediction_beside_the_unprobed_one() -> N
     predicted = {**_summary(1.1, 0.22, 0.5), "output_throughput": 9.0}
     unprobed = {**_summary(0.8, 0.16, 0.5), "output_throughput": 12.0}
     row = {"predicted": predicted, "measured": measured, "predicted_meets_slo": True, "measured_meets_slo": True,
-           "probe_factors": (1.26, 0.9), "slowdowns": (1.2, 1.1), "predicted_unprobed": unprobed}
+           "probe_factor": 1.26, "slowdown": 1.2, "predicted_unprobed": unprobed}
     text = format_comparison(row)
-    assert "unprobed" in text
-    assert "speed probe: x1.260 their price, 1 row x0.900, so steps x1.200 and decode steps of 1-4 rows x1.100" in text
+    assert "unprobed" in text and "speed probe: x1.260 their price, so steps x1.200 as long" in text
     ttft_p99 = next(line for line in text.splitlines() if line.strip().startswith("TTFT p99"))
     assert ttft_p99.split()[2:] == ["1100.0", "1000.0", "10.0%", "800.0", "-20.0%"]
-    assert "unprobed" not in format_comparison({**row, "slowdowns": None})  # no reference probe: one prediction
+    assert "unprobed" not in format_comparison({**row, "slowdown": None})  # no reference probe: one prediction
 
 
 def test_the_served_steps_factor_is_told_per_kind_of_step() -> None:

@@ -192,25 +192,22 @@ class ServerOverhead:
     # Decode-only steps of 1..FEW_ROWS rows (`is_few_row_step`): a factor per row count; None: `step_factor`.
     few_row_factors: tuple[float, ...] | None = None
     # The speed probe's served over priced time (`overhead.probe_speed`) on the server these factors were fit
-    # on, (its burst's steps, its lone request's 1-row steps): a later probe over this one is how much slower
-    # the machine runs now. None: no probe was taken.
-    probe_factors: tuple[float, float] | None = None
+    # on: a later probe over this one is how much slower the machine runs now. None: no probe was taken.
+    probe_factor: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerOverhead:
         # NOTE: profiles before 2026-11-26 14:00 also kept a per-sampled-row term (`row_seconds`), since
         # dropped (docs/tuning.md); it is ignored. Those before 18:40 have no `few_row_factors` (one
         # `few_row_factor` between 17:30 and 18:40: measured again, see `profile._stale_overhead`).
-        factors, probe = data.get("few_row_factors"), data.get("probe_factors")
+        factors = data.get("few_row_factors")
         return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"),
-                   tuple(factors) if factors else None, (probe[0], probe[1]) if probe else None)
+                   tuple(factors) if factors else None, data.get("probe_factor"))
 
-    def at_speed(self, slowdown: float, few_row_slowdown: float) -> ServerOverhead:
-        """Steps `slowdown` times as long as when these factors were fit, decode steps of 1..FEW_ROWS rows
-        `few_row_slowdown` times (the machine's speed drifts by 10-30% between minutes here, and the few-row
-        steps, which read every weight for a handful of rows, drift apart from the rest); the time per
-        request outside the engine as it was."""
-        few = tuple(few_row_slowdown * factor for factor in self.few_row_factors) if self.few_row_factors else None
+    def at_speed(self, slowdown: float) -> ServerOverhead:
+        """Every step `slowdown` times as long as when these factors were fit (the machine's speed drifts by
+        10-30% between minutes here); the time per request outside the engine as it was."""
+        few = tuple(slowdown * factor for factor in self.few_row_factors) if self.few_row_factors else None
         return replace(self, step_factor=slowdown * self.step_factor, few_row_factors=few)
 
     def factor_of(self, rows: Sequence[RowShape]) -> float:

@@ -58,7 +58,6 @@ NUM_REQUESTS = 24
 # at once on every server, before its measured run.
 WARM_UP_REQUESTS, WARM_UP_PROMPT_TOKENS = 8, 300
 PROBE_REQUESTS, PROBE_PROMPT_TOKENS, PROBE_OUTPUT_TOKENS = 16, 128, 32
-PROBE_LONE_OUTPUT_TOKENS = 48  # then one request alone: 1-row decode steps
 MIN_STEPS = 20  # served steps of a kind needed to give it a factor of its own
 LOAD_SHARE = 0.5  # of the simulated capacity (all requests at once): a moderate load
 FIT_ROUNDS = 4
@@ -127,44 +126,20 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
                    factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
     logger.info("server overhead from %d served steps: x%.3f (decode steps of 1-%d rows %s), %.1f ms per request (by "
-                "request timings: x%.3f, %.1f ms); speed probe x%.3f, 1 row x%.3f", len(steps), factor, FEW_ROWS,
+                "request timings: x%.3f, %.1f ms); speed probe x%.3f", len(steps), factor, FEW_ROWS,
                 describe_few_row_factors(few_factor), 1000 * delay, by_requests.step_factor,
-                1000 * by_requests.request_seconds, *probe)
+                1000 * by_requests.request_seconds, probe)
     return ServerOverhead(delay, factor, details, few_factor, probe)
 
 
-def probe_requests(max_model_len: int) -> tuple[list[SimRequest], SimRequest]:
-    """The speed probe's burst, PROBE_REQUESTS prompts arriving at once, and the lone request sent after it:
-    each its own rotation of ids 5..94 after BOS, the warm-up's kind of prompt (no workload's prompt starts
-    so), but not the warm-up's own, so every server computes them afresh."""
+def probe_requests(max_model_len: int) -> list[SimRequest]:
+    """PROBE_REQUESTS prompts arriving at once, each its own rotation of ids 5..94 after BOS: the warm-up's
+    kind of prompt (no workload's prompt starts so), but not the warm-up's own, so every server computes
+    them afresh."""
     length = min(PROBE_PROMPT_TOKENS, max_model_len // 4)
     output_len = min(PROBE_OUTPUT_TOKENS, max_model_len // 4)
-    first = WARM_UP_REQUESTS
-    burst = [SimRequest(f"probe-{index}", 0.0, rotation_prompt(index, length), output_len)
-             for index in range(first, first + PROBE_REQUESTS)]
-    lone = SimRequest("probe-lone", 0.0, rotation_prompt(first + PROBE_REQUESTS, length // 4),
-                      min(PROBE_LONE_OUTPUT_TOKENS, max_model_len // 2))
-    return burst, lone
-
-
-def probe_speed(base_url: str, price: Callable[[Sequence[RowShape]], float], max_model_len: int
-                ) -> tuple[float, float]:
-    """How fast the server's machine runs now: the median of served over priced time over the steps of a
-    fixed burst (prompt chunks, then PROBE_REQUESTS rows decoding), and over the 1-row decode steps of one
-    request sent alone after it; ~4 s for the default model. The machine here drifts by 10-30% between
-    minutes, more than the cost model's error, and few-row steps (memory-bound) drift apart from the rest:
-    a probe on the overhead run's server and another just before a validated run tell how much slower that
-    run's server runs (`ServerOverhead.at_speed`)."""
-    burst, lone = probe_requests(max_model_len)
-    factors = []
-    for requests, kept in ((burst, lambda rows: True), ([lone], is_few_row_step)):
-        _, steps = asyncio.run(_send(base_url, requests))
-        ratios = [seconds / priced for rows, seconds in steps
-                  if kept(rows) and (priced := price(rows)) > 0 and seconds > 0]
-        if not ratios:
-            raise RuntimeError("the speed probe: the server's step stream (/v1/engine/steps) sent no step")
-        factors.append(float(np.median(ratios)))
-    return factors[0], factors[1]
+    return [SimRequest(f"probe-{index}", 0.0, rotation_prompt(index, length), output_len)
+            for index in range(WARM_UP_REQUESTS, WARM_UP_REQUESTS + PROBE_REQUESTS)]
 
 
 def rotation_prompt(index: int, length: int) -> list[int]:
@@ -172,6 +147,19 @@ def rotation_prompt(index: int, length: int) -> list[int]:
     prompt (W1's ids are 1000 and up, a chat's second token is its template's), so the prefix cache gives a
     measured run nothing of a warm-up's or a probe's."""
     return [2] + [5 + (index + position) % 90 for position in range(length)]
+
+
+def probe_speed(base_url: str, price: Callable[[Sequence[RowShape]], float], max_model_len: int) -> float:
+    """How fast the server's machine runs now: the median of served over priced time over the steps of a
+    fixed short burst (prompt chunks, then PROBE_REQUESTS rows decoding; ~3 s for the default model). The
+    machine here drifts by 10-30% between minutes, more than the cost model's error: a probe on the
+    overhead run's server and another just before a validated run tell how much slower that run's server
+    runs (`ServerOverhead.at_speed`)."""
+    _, steps = asyncio.run(_send(base_url, probe_requests(max_model_len)))
+    ratios = [seconds / priced for rows, seconds in steps if (priced := price(rows)) > 0 and seconds > 0]
+    if not ratios:
+        raise RuntimeError("the speed probe: the server's step stream (/v1/engine/steps) sent no step")
+    return float(np.median(ratios))
 
 
 def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]

@@ -155,7 +155,7 @@ def _stale_overhead(overhead: ServerOverhead | None) -> bool:
     """No server overhead yet, one fit before few-row decode steps had a factor per row count (2026-11-26
     18:40), or one without a speed probe (2026-11-26 20:00): measured again (~1 min) rather than mispricing a
     lightly loaded server's steps, or validating at a speed nobody measured."""
-    return overhead is None or "few_row_counts" not in (overhead.details or {}) or overhead.probe_factors is None
+    return overhead is None or "few_row_counts" not in (overhead.details or {}) or overhead.probe_factor is None
 
 
 def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:

@@ -115,9 +115,9 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
     before it at the speed the server's probe shows (`probe_speed`): predicted beside measured, as a row."""
     with serving(config_file_values(base, candidate), work_dir) as base_url:
         probe = probe_speed(base_url, tuner.cost_model.step_seconds, tuner.resolved(candidate).max_model_len or 2048)
-        reference = tuner.overhead.probe_factors
-        slowdowns = (probe[0] / reference[0], probe[1] / reference[1]) if reference else (1.0, 1.0)
-        now = tuner.overhead.at_speed(*slowdowns)
+        reference = tuner.overhead.probe_factor
+        slowdown = probe / reference if reference else 1.0
+        now = tuner.overhead.at_speed(slowdown)
         predictor = tuner.at_step_cost(now.step_factor, now.few_row_factors)
         _, predicted = predictor.run(candidate, rate)
         run_settings = ServeSettings(base_url=base_url, request_rate=rate, burstiness=getattr(args, "burstiness", 1.0),
@@ -131,7 +131,7 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
     return {"candidate": candidate.settings(), "rate": rate, "predicted": predicted, "measured": measured,
             "predicted_meets_slo": tuner.search_slo.met_by_summary(predicted),
             "measured_meets_slo": tuner.slo.met_by_summary(measured),
-            "probe_factors": probe, "slowdowns": slowdowns if reference else None, "predicted_unprobed": unprobed,
+            "probe_factor": probe, "slowdown": slowdown if reference else None, "predicted_unprobed": unprobed,
             **at_the_runs_speed(predictor, candidate, rate, steps)}
 
 
@@ -248,7 +248,7 @@ def describe_score(score: tuple[float, float]) -> str:
 
 def format_comparison(row: dict) -> str:
     at_speed = row.get("predicted_at_run_speed")
-    unprobed = row.get("predicted_unprobed") if row.get("slowdowns") else None
+    unprobed = row.get("predicted_unprobed") if row.get("slowdown") else None
     lines = [f"  {'':<10} {'predicted':>10} {'measured':>10} {'error':>7}"
              + (f"   {'unprobed':>9} {'error':>7}" if unprobed else "")
              + (f"   {'at run speed':>12} {'error':>7}" if at_speed else "")]
@@ -265,11 +265,9 @@ def format_comparison(row: dict) -> str:
     if "measured_meets_slo" in row:
         lines.append(f"  {'SLO met':<10} {'yes' if row['predicted_meets_slo'] else 'no':>10} "
                      f"{'yes' if row['measured_meets_slo'] else 'no':>10}")
-    if row.get("slowdowns"):
-        (burst, lone), (slowdown, few_row_slowdown) = row["probe_factors"], row["slowdowns"]
-        lines.append(f"  speed probe: x{burst:.3f} their price, 1 row x{lone:.3f}, so steps x{slowdown:.3f} and "
-                     f"decode steps of 1-{FEW_ROWS} rows x{few_row_slowdown:.3f} as long as when the overhead was "
-                     "measured: predicted at that speed ('unprobed': at the overhead's)")
+    if row.get("slowdown"):
+        lines.append(f"  speed probe: x{row['probe_factor']:.3f} their price, so steps x{row['slowdown']:.3f} as long "
+                     "as when the overhead was measured: predicted at that speed ('unprobed': at the overhead's)")
     if at_speed:
         lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
                      f"x{row['predicted_step_factor']:.3f} in the prediction"
