@@ -113,9 +113,6 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     assert "SLO met" in printed and all(isinstance(row["measured_meets_slo"], bool) for row in rows)
     # the servers' own steps were read during each run, and the prediction re-made at their speed
     assert "at run speed" in printed and all(row["run_step_factor"] > 0 for row in rows)
-    # each server's speed was probed before its run, against the probe on the overhead run's server
-    assert "speed probe: x" in printed and all(row["probe_factor"] > 0 and row["slowdown"] > 0 for row in rows)
-    assert result["profile"]["server_overhead_now"]["probe_factor"] > 0
     # and each request's TTFT inside the engine, which the client's (HTTP, hand-off, delivery) exceeds
     assert "measured TTFT inside the engine" in printed
     assert all(0 < row["measured"]["engine_ttft_s"]["p50"] < row["measured"]["ttft_s"]["p50"] for row in rows)

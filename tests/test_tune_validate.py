@@ -13,17 +13,12 @@ from conveyor.config import EngineConfig
 from conveyor.tune.cli import describe_overhead
 from conveyor.tune.cost_model import RowShape, ServerOverhead, is_few_row_step
 from conveyor.tune.overhead import (
-    WARM_UP_PROMPT_TOKENS,
-    WARM_UP_REQUESTS,
     at_rate,
     fit_overhead,
     fit_request_seconds,
     fit_step_cost,
-    probe_requests,
-    rotation_prompt,
     step_factor_by_kind,
 )
-from conveyor.tune.profile import _stale_overhead
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -259,42 +254,6 @@ def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:
                                       "details": {"served_steps": 650, "step_factor_alone": 1.1,
                                                   "factor_by_requests": 1.2}})
     assert describe_overhead(older) == "steps x1.100, 40.0 ms per request"  # its details are of the older fit
-
-
-def test_a_slower_machine_scales_every_step_factor_and_not_the_time_per_request() -> None:
-    fit = ServerOverhead(0.04, 1.1, {"few_row_counts": [30, 30, 30, 30]}, (0.8, 0.9, 1.0, 1.0), probe_factor=1.05)
-    now = fit.at_speed(1.2)
-    assert now.step_factor == pytest.approx(1.32) and now.request_seconds == 0.04
-    assert now.few_row_factors == pytest.approx((0.96, 1.08, 1.2, 1.2))
-    assert ServerOverhead(0.0, 1.1).at_speed(0.9).few_row_factors is None
-    # the probe's reading is kept with the profile; one measured without a probe is measured again
-    assert ServerOverhead.from_dict({"step_factor": 1.1, "probe_factor": 1.05}).probe_factor == 1.05
-    assert not _stale_overhead(fit)
-    assert _stale_overhead(ServerOverhead(0.04, 1.1, {"few_row_counts": [30, 30, 30, 30]}, (0.8, 0.9, 1.0, 1.0)))
-
-
-def test_the_speed_probe_is_a_fixed_burst_that_shares_no_block_with_the_warm_up() -> None:
-    probe = probe_requests(max_model_len=2048)
-    assert len(probe) == 16 and all(r.arrival_time == 0.0 for r in probe)
-    assert {len(r.prompt_token_ids) for r in probe} == {129} and {r.output_len for r in probe} == {32}
-    assert [r.prompt_token_ids for r in probe] == [r.prompt_token_ids for r in probe_requests(2048)]  # every server
-    warm_up = {tuple(rotation_prompt(i, WARM_UP_PROMPT_TOKENS)[:16]) for i in range(WARM_UP_REQUESTS)}
-    firsts = {tuple(r.prompt_token_ids[:16]) for r in probe}
-    assert len(firsts) == 16 and not firsts & warm_up
-    assert max(len(r.prompt_token_ids) + r.output_len for r in probe_requests(128)) <= 128  # fits a small model
-
-
-def test_a_comparison_shows_the_probed_prediction_beside_the_unprobed_one() -> None:
-    measured = {**_summary(1.0, 0.2, 0.5), "output_throughput": 10.0}
-    predicted = {**_summary(1.1, 0.22, 0.5), "output_throughput": 9.0}
-    unprobed = {**_summary(0.8, 0.16, 0.5), "output_throughput": 12.0}
-    row = {"predicted": predicted, "measured": measured, "predicted_meets_slo": True, "measured_meets_slo": True,
-           "probe_factor": 1.26, "slowdown": 1.2, "predicted_unprobed": unprobed}
-    text = format_comparison(row)
-    assert "unprobed" in text and "speed probe: x1.260 their price, so steps x1.200 as long" in text
-    ttft_p99 = next(line for line in text.splitlines() if line.strip().startswith("TTFT p99"))
-    assert ttft_p99.split()[2:] == ["1100.0", "1000.0", "10.0%", "800.0", "-20.0%"]
-    assert "unprobed" not in format_comparison({**row, "slowdown": None})  # no reference probe: one prediction
 
 
 def test_the_served_steps_factor_is_told_per_kind_of_step() -> None:

@@ -18,7 +18,7 @@ steps measured ~7% above the other terms' price, in process and behind the serve
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -191,9 +191,6 @@ class ServerOverhead:
     details: dict | None = None  # the measurement behind the figures, for the report
     # Decode-only steps of 1..FEW_ROWS rows (`is_few_row_step`): a factor per row count; None: `step_factor`.
     few_row_factors: tuple[float, ...] | None = None
-    # The speed probe's served over priced time (`overhead.probe_speed`) on the server these factors were fit
-    # on: a later probe over this one is how much slower the machine runs now. None: no probe was taken.
-    probe_factor: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerOverhead:
@@ -202,13 +199,7 @@ class ServerOverhead:
         # `few_row_factor` between 17:30 and 18:40: measured again, see `profile._stale_overhead`).
         factors = data.get("few_row_factors")
         return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"),
-                   tuple(factors) if factors else None, data.get("probe_factor"))
-
-    def at_speed(self, slowdown: float) -> ServerOverhead:
-        """Every step `slowdown` times as long as when these factors were fit (the machine's speed drifts by
-        10-30% between minutes here); the time per request outside the engine as it was."""
-        few = tuple(slowdown * factor for factor in self.few_row_factors) if self.few_row_factors else None
-        return replace(self, step_factor=slowdown * self.step_factor, few_row_factors=few)
+                   tuple(factors) if factors else None)
 
     def factor_of(self, rows: Sequence[RowShape]) -> float:
         if self.few_row_factors is not None and is_few_row_step(rows):

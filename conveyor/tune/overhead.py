@@ -54,10 +54,6 @@ from conveyor.tune.simulator import SimRequest, simulate
 logger = logging.getLogger(__name__)
 
 NUM_REQUESTS = 24
-# Every measured server is first warmed up (`validate.serving`), then probed for speed: the same few requests
-# at once on every server, before its measured run.
-WARM_UP_REQUESTS, WARM_UP_PROMPT_TOKENS = 8, 300
-PROBE_REQUESTS, PROBE_PROMPT_TOKENS, PROBE_OUTPUT_TOKENS = 16, 128, 32
 MIN_STEPS = 20  # served steps of a kind needed to give it a factor of its own
 LOAD_SHARE = 0.5  # of the simulated capacity (all requests at once): a moderate load
 FIT_ROUNDS = 4
@@ -109,7 +105,6 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
     timed = at_rate(requests, rate, seed)
     with tempfile.TemporaryDirectory(prefix="conveyor-overhead-") as work_dir:
         with serving(config_file_values(config, Candidate.of(config)), Path(work_dir)) as base_url:
-            probe = probe_speed(base_url, cost_model.step_seconds, resolved.max_model_len or 2048)
             measured, steps = asyncio.run(_send(base_url, timed))
     if not steps:
         raise RuntimeError("measuring the server overhead: the server's step stream (/v1/engine/steps) sent no step")
@@ -126,40 +121,9 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
                    factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
     logger.info("server overhead from %d served steps: x%.3f (decode steps of 1-%d rows %s), %.1f ms per request (by "
-                "request timings: x%.3f, %.1f ms); speed probe x%.3f", len(steps), factor, FEW_ROWS,
-                describe_few_row_factors(few_factor), 1000 * delay, by_requests.step_factor,
-                1000 * by_requests.request_seconds, probe)
-    return ServerOverhead(delay, factor, details, few_factor, probe)
-
-
-def probe_requests(max_model_len: int) -> list[SimRequest]:
-    """PROBE_REQUESTS prompts arriving at once, each its own rotation of ids 5..94 after BOS: the warm-up's
-    kind of prompt (no workload's prompt starts so), but not the warm-up's own, so every server computes
-    them afresh."""
-    length = min(PROBE_PROMPT_TOKENS, max_model_len // 4)
-    output_len = min(PROBE_OUTPUT_TOKENS, max_model_len // 4)
-    return [SimRequest(f"probe-{index}", 0.0, rotation_prompt(index, length), output_len)
-            for index in range(WARM_UP_REQUESTS, WARM_UP_REQUESTS + PROBE_REQUESTS)]
-
-
-def rotation_prompt(index: int, length: int) -> list[int]:
-    """BOS, then `length` ids cycling through 5..94 from 5 + index: the first block starts no workload's
-    prompt (W1's ids are 1000 and up, a chat's second token is its template's), so the prefix cache gives a
-    measured run nothing of a warm-up's or a probe's."""
-    return [2] + [5 + (index + position) % 90 for position in range(length)]
-
-
-def probe_speed(base_url: str, price: Callable[[Sequence[RowShape]], float], max_model_len: int) -> float:
-    """How fast the server's machine runs now: the median of served over priced time over the steps of a
-    fixed short burst (prompt chunks, then PROBE_REQUESTS rows decoding; ~3 s for the default model). The
-    machine here drifts by 10-30% between minutes, more than the cost model's error: a probe on the
-    overhead run's server and another just before a validated run tell how much slower that run's server
-    runs (`ServerOverhead.at_speed`)."""
-    _, steps = asyncio.run(_send(base_url, probe_requests(max_model_len)))
-    ratios = [seconds / priced for rows, seconds in steps if (priced := price(rows)) > 0 and seconds > 0]
-    if not ratios:
-        raise RuntimeError("the speed probe: the server's step stream (/v1/engine/steps) sent no step")
-    return float(np.median(ratios))
+                "request timings: x%.3f, %.1f ms)", len(steps), factor, FEW_ROWS, describe_few_row_factors(few_factor),
+                1000 * delay, by_requests.step_factor, 1000 * by_requests.request_seconds)
+    return ServerOverhead(delay, factor, details, few_factor)
 
 
 def fit_step_cost(steps: Sequence[Step], price: Callable[[Sequence[RowShape]], float]
@@ -282,20 +246,9 @@ async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = No
     with `engine_ttfts`, also each request's TTFT inside the engine (from reaching it to its first token)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=None) as client:
         steps: list[Step] = []
-        opened = asyncio.Event()
-        watcher = asyncio.ensure_future(_read_steps(client, steps, engine_ttfts, opened))
+        watcher = asyncio.ensure_future(_read_steps(client, steps, engine_ttfts))
+        await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
         try:
-            # The stream is open before the first request (it records only while watched). A new viewer first
-            # gets the server's recent steps (the dashboard's window: a speed probe's, say): drop them.
-            opening = asyncio.ensure_future(opened.wait())
-            await asyncio.wait({opening, watcher}, timeout=30.0, return_when=asyncio.FIRST_COMPLETED)
-            opening.cancel()
-            if watcher.done():
-                watcher.result()  # the stream failed: its error
-            await asyncio.sleep(0.2)
-            steps.clear()
-            if engine_ttfts is not None:
-                engine_ttfts.clear()
             yield steps
             await asyncio.sleep(0.5)  # the stream flushes every 0.1 s: the last steps arrive
         finally:
@@ -304,13 +257,11 @@ async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = No
                 await watcher
 
 
-async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts: dict[str, float] | None,
-                      opened: asyncio.Event) -> None:
+async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts: dict[str, float] | None) -> None:
     """Append every step of the server's step stream (rows and duration) until cancelled."""
     async with client.stream("GET", "/v1/engine/steps") as response:
         if response.status_code != 200:
             raise RuntimeError(f"reading the served steps: /v1/engine/steps answered HTTP {response.status_code}")
-        opened.set()
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 step = json.loads(line[len("data: "):])

@@ -152,10 +152,9 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
 
 
 def _stale_overhead(overhead: ServerOverhead | None) -> bool:
-    """No server overhead yet, one fit before few-row decode steps had a factor per row count (2026-11-26
-    18:40), or one without a speed probe (2026-11-26 20:00): measured again (~1 min) rather than mispricing a
-    lightly loaded server's steps, or validating at a speed nobody measured."""
-    return overhead is None or "few_row_counts" not in (overhead.details or {}) or overhead.probe_factor is None
+    """No server overhead yet, or one fit before few-row decode steps had a factor per row count (2026-11-26
+    18:40): measured again (~1 min) rather than mispricing a lightly loaded server's steps."""
+    return overhead is None or "few_row_counts" not in (overhead.details or {})
 
 
 def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:

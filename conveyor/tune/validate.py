@@ -1,8 +1,7 @@
 """`conveyor tune --validate`: run the top candidates and the default for real and set predicted beside measured.
 
 Each run starts a fresh `conveyor serve --config` on 127.0.0.1 (a cold prefix cache, as in the simulator),
-warms it up, probes its speed (`overhead.probe_speed`: the machine drifts by 10-30% between minutes
-here), predicts the run at that speed, sends the workload with the `conveyor bench` clients at the given
+warms it up with one short request, sends the workload with the `conveyor bench` clients at the given
 load, and stops the server. Candidates take turns within each round (interleaved), so a machine whose
 speed drifts during validation penalizes none of them in particular. Each run is judged as the search
 judges a simulated one: did it meet every SLO at the percentile (measured by the client), and with how
@@ -35,16 +34,7 @@ from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, percentiles, run_serve_benchmark
 from conveyor.config import EngineConfig
 from conveyor.tune.cost_model import FEW_ROWS, describe_few_row_factors
-from conveyor.tune.overhead import (
-    WARM_UP_PROMPT_TOKENS,
-    WARM_UP_REQUESTS,
-    Step,
-    fit_step_cost,
-    probe_speed,
-    rotation_prompt,
-    served_steps,
-    step_factor_by_kind,
-)
+from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
 from conveyor.tune.workloads import SimWorkload
@@ -54,6 +44,7 @@ METRICS = (("TTFT p50", "ttft_s", "p50"), ("TTFT p99", "ttft_s", "p99"), ("TPOT 
            ("TPOT p99", "tpot_s", "p99"), ("ITL p99", "itl_s", "p99"), ("out tok/s", "output_throughput", None),
            ("goodput", "goodput", None))
 VALIDATE_BELOW_LIMIT = 0.85  # of the winner's predicted highest rate: at the limit itself p99 is a coin toss
+WARM_UP_REQUESTS, WARM_UP_PROMPT_TOKENS = 8, 300
 GOODPUT_MARGIN = 0.05  # two real runs of one configuration differ by a few percent in goodput
 
 
@@ -95,12 +86,14 @@ def serving(config_values: dict, work_dir: Path) -> Iterator[str]:
 def _warm_up(base_url: str) -> None:
     """First calls pay one-off costs (lazy imports, first kernel calls, the allocator growing its pools) that
     the profile, taken on a warm engine, does not price: pay them before the measured run. A few requests at
-    once, with prompts long enough for full prompt chunks, cover prefill, mixed and batched decode steps."""
+    once, with prompts long enough for full prompt chunks, cover prefill, mixed and batched decode steps.
+    Their first block (BOS, then ids 5..94) starts no workload's prompt (W1's ids are 1000 and up, a chat's
+    second token is its template's), so the prefix cache gives the run nothing of theirs."""
     max_model_len = httpx.get(f"{base_url}/v1/models", timeout=30.0).json()["data"][0]["max_model_len"]
     length = min(WARM_UP_PROMPT_TOKENS, max_model_len // 2)
 
     def one(index: int) -> None:
-        prompt = rotation_prompt(index, length)
+        prompt = [2] + [5 + (index + position) % 90 for position in range(length)]
         response = httpx.post(f"{base_url}/v1/completions", timeout=300.0,
                               json={"prompt": prompt, "max_tokens": 8, "ignore_eos": True})
         response.raise_for_status()
@@ -109,30 +102,18 @@ def _warm_up(base_url: str) -> None:
         list(pool.map(one, range(WARM_UP_REQUESTS)))
 
 
-def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, rate: float, tuner: Tuner,
-            work_dir: Path) -> dict:
-    """One real run of the workload at `rate` against a fresh server configured as `candidate`, predicted just
-    before it at the speed the server's probe shows (`probe_speed`): predicted beside measured, as a row."""
+def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, rate: float,
+            settings: ServeSettings, work_dir: Path) -> tuple[dict, list[Step]]:
+    """One real run of the workload at `rate` against a fresh server configured as `candidate`: the
+    benchmark's summary, and the steps the server ran meanwhile."""
     with serving(config_file_values(base, candidate), work_dir) as base_url:
-        probe = probe_speed(base_url, tuner.cost_model.step_seconds, tuner.resolved(candidate).max_model_len or 2048)
-        reference = tuner.overhead.probe_factor
-        slowdown = probe / reference if reference else 1.0
-        now = tuner.overhead.at_speed(slowdown)
-        predictor = tuner.at_step_cost(now.step_factor, now.few_row_factors)
-        _, predicted = predictor.run(candidate, rate)
         run_settings = ServeSettings(base_url=base_url, request_rate=rate, burstiness=getattr(args, "burstiness", 1.0),
-                                     seed=args.seed, slo_ttft=tuner.settings.slo_ttft, slo_tpot=tuner.settings.slo_tpot)
+                                     seed=args.seed, slo_ttft=settings.slo_ttft, slo_tpot=settings.slo_tpot)
         if args.workload == "w2":
             benchmark = run_serve_benchmark(workload_from_args(args), run_settings)
         else:
             benchmark = run_chat_benchmark(conversations_from_args(args, rate), run_settings)
-        measured, steps = asyncio.run(_watched(base_url, benchmark))
-    _, unprobed = tuner.run(candidate, rate)
-    return {"candidate": candidate.settings(), "rate": rate, "predicted": predicted, "measured": measured,
-            "predicted_meets_slo": tuner.search_slo.met_by_summary(predicted),
-            "measured_meets_slo": tuner.slo.met_by_summary(measured),
-            "probe_factor": probe, "slowdown": slowdown if reference else None, "predicted_unprobed": unprobed,
-            **at_the_runs_speed(predictor, candidate, rate, steps)}
+        return asyncio.run(_watched(base_url, benchmark))
 
 
 async def _watched(base_url: str, benchmark: Coroutine[Any, Any, dict]) -> tuple[dict, list[Step]]:
@@ -190,7 +171,13 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
                 for candidate in candidates:
                     print(f"validating {candidate.label()} at {load:.3g} {workload.rate_unit} "
                           f"(round {round_index + 1})", flush=True)
-                    rows.append({**measure(args, base, candidate, load, tuner, Path(work_dir)), "round": round_index})
+                    _, predicted = tuner.run(candidate, load)
+                    measured, steps = measure(args, base, candidate, load, tuner.settings, Path(work_dir))
+                    rows.append({"candidate": candidate.settings(), "rate": load, "round": round_index,
+                                 "predicted": predicted, "measured": measured,
+                                 "predicted_meets_slo": tuner.search_slo.met_by_summary(predicted),
+                                 "measured_meets_slo": tuner.slo.met_by_summary(measured),
+                                 **at_the_runs_speed(tuner, candidate, load, steps)})
                     print(format_comparison(rows[-1]), flush=True)
     scores = {c: validated_score(rows, c.settings(), "measured") for c in candidates}
     default_score = scores[default.candidate]
@@ -248,16 +235,11 @@ def describe_score(score: tuple[float, float]) -> str:
 
 def format_comparison(row: dict) -> str:
     at_speed = row.get("predicted_at_run_speed")
-    unprobed = row.get("predicted_unprobed") if row.get("slowdown") else None
     lines = [f"  {'':<10} {'predicted':>10} {'measured':>10} {'error':>7}"
-             + (f"   {'unprobed':>9} {'error':>7}" if unprobed else "")
              + (f"   {'at run speed':>12} {'error':>7}" if at_speed else "")]
     for name, value, scale in _compared(row):
         predicted, measured = value(row["predicted"]), value(row["measured"])
         line = f"  {name:<10} {predicted * scale:10.1f} {measured * scale:10.1f} {_error(predicted, measured):>7}"
-        if unprobed:
-            again = value(unprobed)
-            line += f"   {again * scale:9.1f} {_error(again, measured):>7}"
         if at_speed:
             again = value(at_speed)
             line += f"   {again * scale:12.1f} {_error(again, measured):>7}"
@@ -265,9 +247,6 @@ def format_comparison(row: dict) -> str:
     if "measured_meets_slo" in row:
         lines.append(f"  {'SLO met':<10} {'yes' if row['predicted_meets_slo'] else 'no':>10} "
                      f"{'yes' if row['measured_meets_slo'] else 'no':>10}")
-    if row.get("slowdown"):
-        lines.append(f"  speed probe: x{row['probe_factor']:.3f} their price, so steps x{row['slowdown']:.3f} as long "
-                     "as when the overhead was measured: predicted at that speed ('unprobed': at the overhead's)")
     if at_speed:
         lines.append(f"  served steps: x{row['run_step_factor']:.3f} their price during the run, "
                      f"x{row['predicted_step_factor']:.3f} in the prediction"
