@@ -25,6 +25,7 @@ from conveyor.tune.validate import (
     at_the_runs_speed,
     beats_measured,
     format_comparison,
+    mean_over_rounds,
     ranking_report,
     validate,
     validated_score,
@@ -254,6 +255,20 @@ def test_a_profile_with_the_retired_per_row_term_still_loads() -> None:
                                       "details": {"served_steps": 650, "step_factor_alone": 1.1,
                                                   "factor_by_requests": 1.2}})
     assert describe_overhead(older) == "steps x1.100, 40.0 ms per request"  # its details are of the older fit
+
+
+def test_rounds_of_one_candidate_and_load_are_averaged_against_their_one_prediction() -> None:
+    predicted = {**_summary(1.0, 0.2, 0.5), "output_throughput": 10.0}
+    first = {**_summary(0.8, 0.2, 0.5), "output_throughput": 9.0, "completed": 48}
+    second = {**_summary(1.2, 0.3, 0.6), "output_throughput": 11.0, "completed": 48}
+    rows = [_row(SMALL, 0.5, first, predicted), _row(DEFAULT, 0.5, first, predicted),
+            _row(SMALL, 0.5, second, predicted), _row(SMALL, 0.8, second, predicted)]
+    [averaged] = mean_over_rounds(rows)  # a candidate and load run once has no mean
+    assert (Candidate(**averaged["candidate"]), averaged["rate"], averaged["rounds"]) == (SMALL, 0.5, 2)
+    assert averaged["measured"]["ttft_s"] == pytest.approx({"p50": 0.5, "p90": 1.0, "p99": 1.0})
+    assert averaged["measured"]["output_throughput"] == 10.0 and averaged["measured"]["completed"] == 48
+    ttft_p99 = next(line for line in format_comparison(averaged).splitlines() if line.strip().startswith("TTFT p99"))
+    assert ttft_p99.split()[2:] == ["1000.0", "1000.0", "0.0%"]
 
 
 def test_the_served_steps_factor_is_told_per_kind_of_step() -> None:

@@ -188,7 +188,11 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
         recommended, reason = default.candidate, (f"no validated candidate measured better than the default "
                                                   f"({describe_score(default_score)}); keeping the default")
     print(ranking_report(rows, candidates))
-    return {"rows": rows, "rates": rates, "slo": tuner.slo.describe(), "recommended": recommended.settings(),
+    over_rounds = mean_over_rounds(rows)
+    for row in over_rounds:
+        print(f"{Candidate(**row['candidate']).label()} at {row['rate']:.3g} {workload.rate_unit}, predicted against "
+              f"the mean of {row['rounds']} rounds:\n{format_comparison(row)}")
+    return {"rows": rows, "rates": rates, "over_rounds": over_rounds, "slo": tuner.slo.describe(), "recommended": recommended.settings(),
             "reason": reason, "scores": [{"candidate": c.settings(), "measured": scores[c],
                                           "predicted": validated_score(rows, c.settings(), "predicted")}
                                          for c in candidates]}
@@ -207,6 +211,30 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
             "predicted_step_factor": tuner.overhead.step_factor,
             "predicted_few_row_factors": tuner.overhead.few_row_factors,
             "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
+
+
+def mean_over_rounds(rows: list[dict]) -> list[dict]:
+    """Per candidate and load run in more than one round: the prediction (the same each round) against the
+    mean of the rounds' measured figures. This machine's speed drifts by 10-30% between minutes; one run
+    carries that drift in full, the mean of interleaved rounds less of it."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps([row["candidate"], row["rate"]], sort_keys=True), []).append(row)
+    return [{"candidate": group[0]["candidate"], "rate": group[0]["rate"], "rounds": len(group),
+             "predicted": group[0]["predicted"], "measured": _mean_summary([r["measured"] for r in group])}
+            for group in groups.values() if len(group) > 1]
+
+
+def _mean_summary(summaries: list[dict]) -> dict:
+    """The mean of each number the summaries all have, nested dicts (percentiles) alike."""
+    mean: dict = {}
+    for key, value in summaries[0].items():
+        if isinstance(value, dict) and all(isinstance(s.get(key), dict) for s in summaries):
+            mean[key] = _mean_summary([s[key] for s in summaries])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and all(isinstance(s.get(key), (int, float)) for s in summaries):
+            mean[key] = float(np.mean([s[key] for s in summaries]))
+    return mean
 
 
 def validated_score(rows: list[dict], settings: dict, side: str) -> tuple[float, float]:
