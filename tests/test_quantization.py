@@ -12,6 +12,7 @@ from torch import nn
 from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.runner import calibration_windows
+from conveyor.model.int8_gemv import load_int8_gemv
 from conveyor.model.kernels import choose_linear_kernel
 from conveyor.model.quantization import (
     HighPrecisionLinear,
@@ -64,6 +65,27 @@ def test_onednn_int8_linear_computes_what_the_int_mm_path_computes(num_rows: int
     assert torch.equal(ours, reference)
     smooth = torch.rand(640, generator=generator) * 4 + 0.25
     assert torch.equal(OneDNNInt8Linear(weight, bias, smooth)(x), Int8Linear(weight, bias, smooth)(x))
+
+
+@pytest.mark.skipif(choose_linear_kernel("auto", torch.device("cpu"), torch.int8)[0] != "onednn"
+                    or load_int8_gemv()[0] is None, reason="oneDNN or the compiled int8 kernel cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,in_features", [(5, 640), (300, 640), (37, 104)])
+def test_compiled_rounding_and_epilogue_compute_what_the_int_mm_path_computes(
+        dtype: torch.dtype, num_rows: int, in_features: int) -> None:
+    """The compiled kernel's row rounding and epilogue around oneDNN's int8 linear (5+ rows; 104 inputs:
+    a tail after the vector loop, and no few-row product), in fp32 and in a bf16 model: equal bits."""
+    gemv, _ = load_int8_gemv()
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(700, in_features, generator=generator) * 0.05
+    bias = torch.randn(700, generator=generator)
+    x = (torch.randn(num_rows, in_features, generator=generator) * torch.logspace(-3, 2, num_rows)[:, None]).to(dtype)
+    x[0] = 0.0  # an all-zero row: scale clamped, every value 0
+    smooth = torch.rand(in_features, generator=generator) * 4 + 0.25
+    for layer_bias, layer_smooth in ((None, None), (bias, smooth)):
+        reference = Int8Linear(weight, layer_bias, layer_smooth)(x)
+        ours = OneDNNInt8Linear(weight, layer_bias, layer_smooth, gemv)(x)
+        assert ours.dtype == dtype and torch.equal(ours, reference)
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weight() -> None:
