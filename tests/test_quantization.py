@@ -144,6 +144,30 @@ def test_engine_with_int8_swaps_every_linear_and_stays_near_fp32(
     assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0.0
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 in oneDNN here")
+def test_int8_over_bf16_keeps_bf16_activations_and_cache_and_stays_near_bf16(tiny_model_dirs: dict[str, Path]) -> None:
+    path = str(tiny_model_dirs["gemma3"])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompt = [1] + [(7 * i) % 250 + 5 for i in range(20)]
+    first = {}
+    for quantization in (None, "int8"):
+        engine = LLMEngine(EngineConfig(model=path, block_size=4, num_kv_blocks=64, dtype="bfloat16",
+                                        quantization=quantization))
+        engine.add_request(prompt, params)
+        while engine.has_unfinished_requests():
+            for output in engine.step()[0]:
+                if output.finished:
+                    first[quantization] = output.outputs[0]
+        assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    layer = engine.runner.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int8Linear) and layer.self_attn.qkv_proj.inv_smooth is not None
+    assert engine.runner.model.embed_tokens.weight.dtype == torch.bfloat16
+    bf16, int8 = first[None], first["int8"]
+    assert bf16.logprobs is not None and int8.logprobs is not None
+    chosen = int8.logprobs[0].get(bf16.token_ids[0])
+    assert chosen is not None and abs(chosen.logprob - bf16.logprobs[0][bf16.token_ids[0]].logprob) < 0.15
+
+
 def test_activation_maxima_cover_every_linear_but_the_lm_head(tiny_model_dirs: dict[str, Path]) -> None:
     from conveyor.model.loader import load_model_weights
 
