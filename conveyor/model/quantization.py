@@ -14,7 +14,9 @@ up) and the lm_head. The smoothing factors come from the activations' per-channe
 calibration pass at load (`activation_maxima`, on an OS-shipped English text). Within llama.cpp's
 Q4_K_M error on the same tokens (docs/benchmarks.md, "A better int8 mode").
 
-Embedding lookups, norms and attention stay in the model dtype.
+Embedding lookups, norms and attention stay in the model dtype. On a CPU with native bf16 `int8` runs
+over a bf16 model (`EngineConfig.precision`): bf16 rows are rounded to int8 and the int8 layers' results
+rounded to bf16 by the compiled kernel's `quantize_rows` / `scale_rows` (`OneDNNInt8Linear.forward`).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class OneDNNInt8Linear(Int8Linear):
 
 class HighPrecisionLinear(nn.Module):
     """A linear layer of the `int8` method that rounding would hurt, run in `dtype` (bf16, or fp32 where
-    bf16 is slow) inside an fp32 model: the input is cast to `dtype` and the output back.
+    bf16 is slow) inside an fp32 or bf16 model: the input is cast to `dtype` and the output back.
 
     The "onednn" kernel prepacks the weight like `conveyor.model.kernels.OneDNNLinear`, and with `gemv`
     a bf16 layer runs steps of 1-4 rows through the C++ bf16 product (`Bf16Rows`), as that one does.
