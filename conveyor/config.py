@@ -155,7 +155,7 @@ class EngineConfig:
     device: str = _knob("cpu", "torch device the model, the KV cache and every step's tensors live on")
     dtype: str = _knob("auto", "weight and activation dtype; auto: the fastest precision within llama.cpp "
                                "Q4_K_M's error on this machine (bfloat16 on a CPU with AVX-512 BF16 or AMX, "
-                               "else float32), or float32 under a --quantization; float32 is the exact model",
+                               "else float32; the same under --quantization int8, float32 under int8-fast); float32 is the exact model",
                        choices=_DTYPES)
     quantization: str | None = _knob(None, "int8: smoothed int8 in q/k/v, o, gate/up, bf16 in down_proj and the "
                                            "lm_head (within llama.cpp Q4_K_M's error); int8-fast: every linear "
@@ -207,9 +207,14 @@ class EngineConfig:
 
     def precision(self) -> tuple[str, str | None, str]:
         """(dtype, quantization, why) this config runs: `--dtype auto` picked for this machine
-        (`machine_precision`), or float32 under a given quantization; as given otherwise."""
+        (`machine_precision`); under `int8` the machine's dtype too (bf16 activations, KV cache and
+        attention around the int8 linears: faster on W1 within llama.cpp's KL, docs/benchmarks.md "int8
+        over bf16"), under `int8-fast` float32; as given otherwise."""
         if self.dtype != "auto":
             return self.dtype, self.quantization, "as configured"
+        if self.quantization == "int8":
+            dtype, _, why = machine_precision(self.device)
+            return dtype, self.quantization, f"dtype auto under int8: {why}"
         if self.quantization is not None:
             return "float32", self.quantization, "dtype auto under a given quantization"
         return machine_precision(self.device)

@@ -77,7 +77,8 @@ def test_dtype_auto_picks_the_fastest_mode_within_llama_cpps_error_by_cpu_flags(
 def test_dtype_auto_gives_way_to_what_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conveyor.config, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
     assert EngineConfig(dtype="float32").precision()[:2] == ("float32", None)  # the exact model
-    assert EngineConfig(quantization="int8").precision()[:2] == ("float32", "int8")
+    assert EngineConfig(quantization="int8").precision()[:2] == ("bfloat16", "int8")  # int8 over bf16
+    assert EngineConfig(quantization="int8", dtype="float32").precision()[:2] == ("float32", "int8")
     assert EngineConfig(quantization="int8-fast").precision()[:2] == ("float32", "int8-fast")
     assert EngineConfig(device="cuda").precision()[:2] == ("float32", None)
     assert EngineConfig().precision()[:2] == ("bfloat16", None)

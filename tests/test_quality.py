@@ -55,8 +55,9 @@ def test_llama_cpp_windows_score_only_their_second_half(tiny_model_dirs: dict[st
 
 
 # Bounds in nats per position; a mode that stopped quantizing (KL 0) or broke (KL >> bound) fails.
-# Measured: fp32 0, bf16 1.7e-4, int8 5.9e-4, int8-fast 9.0e-4.
-_TINY_BOUNDS = {"fp32": (0.0, 1e-6), "bf16": (1e-6, 1e-3), "int8": (1e-5, 2e-3), "int8-fast": (1e-5, 5e-3)}
+# Measured: fp32 0, bf16 1.7e-4, int8 5.9e-4, int8-bf16 7.8e-4, int8-fast 9.0e-4.
+_TINY_BOUNDS = {"fp32": (0.0, 1e-6), "bf16": (1e-6, 1e-3), "int8": (1e-5, 2e-3), "int8-bf16": (1e-5, 2e-3),
+                "int8-fast": (1e-5, 5e-3)}
 
 
 def test_each_mode_stays_within_its_kl_bound_on_a_tiny_model(tiny_model_dirs: dict[str, Path]) -> None:
@@ -84,7 +85,9 @@ def test_each_mode_stays_within_its_kl_bound_on_the_default_model() -> None:
     # fp32 4e-8 and 100%, bf16 8.7e-4 and 97.2%, int8 4.1e-3 and 95.8%, int8-fast 0.035 and 89.6%.
     # These first 512 tokens (every position scored, from short contexts on) are harder: int8 measured
     # 7.0e-3 here (4.1e-3 on llama.cpp's positions), int8-fast 0.040 on 1024 of them.
-    bounds = {"fp32": (1e-6, 0.999), "bf16": (5e-3, 0.95), "int8": (9e-3, 0.9), "int8-fast": (0.08, 0.8)}
+    # int8 over bf16: 4.49e-3 and 96.1% on llama.cpp's positions, 8.3e-3 and 94.7% on these.
+    bounds = {"fp32": (1e-6, 0.999), "bf16": (5e-3, 0.95), "int8": (9e-3, 0.9), "int8-bf16": (1.1e-2, 0.9),
+              "int8-fast": (0.08, 0.8)}
     results = {r.mode: r for r in measure_quality(EngineConfig(), list(bounds), read_text(DEFAULT_TEXT),
                                                   window=256, max_tokens=512)}
     for mode, (kl_bound, least_agreement) in bounds.items():

@@ -12,6 +12,7 @@ from torch import nn
 from conveyor import EngineConfig, SamplingParams
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.runner import calibration_windows
+from conveyor.model.int8_gemv import load_int8_gemv
 from conveyor.model.kernels import choose_linear_kernel
 from conveyor.model.quantization import (
     HighPrecisionLinear,
@@ -64,6 +65,27 @@ def test_onednn_int8_linear_computes_what_the_int_mm_path_computes(num_rows: int
     assert torch.equal(ours, reference)
     smooth = torch.rand(640, generator=generator) * 4 + 0.25
     assert torch.equal(OneDNNInt8Linear(weight, bias, smooth)(x), Int8Linear(weight, bias, smooth)(x))
+
+
+@pytest.mark.skipif(choose_linear_kernel("auto", torch.device("cpu"), torch.int8)[0] != "onednn"
+                    or load_int8_gemv()[0] is None, reason="oneDNN or the compiled int8 kernel cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows,in_features", [(5, 640), (300, 640), (37, 104)])
+def test_compiled_rounding_and_epilogue_compute_what_the_int_mm_path_computes(
+        dtype: torch.dtype, num_rows: int, in_features: int) -> None:
+    """The compiled kernel's row rounding and epilogue around oneDNN's int8 linear (5+ rows; 104 inputs:
+    a tail after the vector loop, and no few-row product), in fp32 and in a bf16 model: equal bits."""
+    gemv, _ = load_int8_gemv()
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(700, in_features, generator=generator) * 0.05
+    bias = torch.randn(700, generator=generator)
+    x = (torch.randn(num_rows, in_features, generator=generator) * torch.logspace(-3, 2, num_rows)[:, None]).to(dtype)
+    x[0] = 0.0  # an all-zero row: scale clamped, every value 0
+    smooth = torch.rand(in_features, generator=generator) * 4 + 0.25
+    for layer_bias, layer_smooth in ((None, None), (bias, smooth)):
+        reference = Int8Linear(weight, layer_bias, layer_smooth)(x)
+        ours = OneDNNInt8Linear(weight, layer_bias, layer_smooth, gemv)(x)
+        assert ours.dtype == dtype and torch.equal(ours, reference)
 
 
 def test_smoothing_moves_an_outlier_channel_into_the_weight() -> None:
@@ -120,6 +142,30 @@ def test_engine_with_int8_swaps_every_linear_and_stays_near_fp32(
     assert abs(first_int8.logprob - first_fp32) < 0.15  # measured 0.055 on the tiny llama (int8-fast)
     # The int8 mode flushes denormals to zero only inside the model's work: the caller's code still has them.
     assert (torch.tensor([1e-40], dtype=torch.float32) * 1.0).item() != 0.0
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 in oneDNN here")
+def test_int8_over_bf16_keeps_bf16_activations_and_cache_and_stays_near_bf16(tiny_model_dirs: dict[str, Path]) -> None:
+    path = str(tiny_model_dirs["gemma3"])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompt = [1] + [(7 * i) % 250 + 5 for i in range(20)]
+    first = {}
+    for quantization in (None, "int8"):
+        engine = LLMEngine(EngineConfig(model=path, block_size=4, num_kv_blocks=64, dtype="bfloat16",
+                                        quantization=quantization))
+        engine.add_request(prompt, params)
+        while engine.has_unfinished_requests():
+            for output in engine.step()[0]:
+                if output.finished:
+                    first[quantization] = output.outputs[0]
+        assert engine.runner.kv_caches[0][0].dtype == torch.bfloat16
+    layer = engine.runner.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int8Linear) and layer.self_attn.qkv_proj.inv_smooth is not None
+    assert engine.runner.model.embed_tokens.weight.dtype == torch.bfloat16
+    bf16, int8 = first[None], first["int8"]
+    assert bf16.logprobs is not None and int8.logprobs is not None
+    chosen = int8.logprobs[0].get(bf16.token_ids[0])
+    assert chosen is not None and abs(chosen.logprob - bf16.logprobs[0][bf16.token_ids[0]].logprob) < 0.15
 
 
 def test_activation_maxima_cover_every_linear_but_the_lm_head(tiny_model_dirs: dict[str, Path]) -> None:

@@ -70,6 +70,7 @@ PRECISION_MODES: dict[str, dict[str, str | None]] = {
     "continuous-fp32": {"dtype": "float32", "quantization": None},
     "continuous-bf16": {"dtype": "bfloat16", "quantization": None},
     "continuous-int8": {"dtype": "float32", "quantization": "int8"},
+    "continuous-int8-bf16": {"dtype": "bfloat16", "quantization": "int8"},
     "continuous-int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
 }
 

@@ -35,6 +35,7 @@ MODES: dict[str, dict[str, str]] = {
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "int8-torch": {"dtype": "float32", "quantization": "int8", "linear_kernel": "torch"},
+    "int8-bf16": {"dtype": "bfloat16", "quantization": "int8"},
     "int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
 }
 

@@ -146,7 +146,8 @@ def _settings(engine: LLMEngine) -> dict:
 
 
 def _label(engine: LLMEngine, mode: str) -> str:
-    """The mode's name, with the precision unless it is fp32 ("continuous int8", "continuous bfloat16")."""
+    """The mode's name, with the precision unless it is fp32 ("continuous int8", "continuous bfloat16",
+    "continuous int8 bfloat16")."""
     c = engine.config
-    precision = c.quantization or (None if c.dtype == "float32" else c.dtype)
-    return mode if precision is None else f"{mode} {precision}"
+    parts = [p for p in (c.quantization, None if c.dtype == "float32" else c.dtype) if p is not None]
+    return " ".join([mode, *parts])

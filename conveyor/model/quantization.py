@@ -14,7 +14,9 @@ up) and the lm_head. The smoothing factors come from the activations' per-channe
 calibration pass at load (`activation_maxima`, on an OS-shipped English text). Within llama.cpp's
 Q4_K_M error on the same tokens (docs/benchmarks.md, "A better int8 mode").
 
-Embedding lookups, norms and attention stay in the model dtype.
+Embedding lookups, norms and attention stay in the model dtype. On a CPU with native bf16 `int8` runs
+over a bf16 model (`EngineConfig.precision`): bf16 rows are rounded to int8 and the int8 layers' results
+rounded to bf16 by the compiled kernel's `quantize_rows` / `scale_rows` (`OneDNNInt8Linear.forward`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _UINT8_SHIFT = 128
 # The int8 method: SmoothQuant's migration strength, and the layers it keeps out of int8 (docs/benchmarks.md).
 SMOOTHING_ALPHA = 0.5
 _HIGH_PRECISION_LAYERS = ("down_proj", "lm_head")
+_NO_TENSOR = torch.empty(0)  # the compiled kernel's "none" for an optional tensor
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +69,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.squeeze(1))  # [out_features], fp32
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._store_weight(quantized)
+        self.kernels = gemv  # the compiled module: OneDNNInt8Linear rounds and scales rows with it
         self.gemv = gemv if gemv is not None and self.in_features % gemv.W8A8_STEP == 0 else None
         if self.gemv is not None:
             self.register_buffer("packed_rows", pack(quantized, gemv.W8A8_STEP))
@@ -108,21 +112,37 @@ class OneDNNInt8Linear(Int8Linear):
         self.packed_weight = torch.ops.onednn.qlinear_prepack(quantized, None)
         self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.long)
 
+    def _int8_matmul(self, shifted: torch.Tensor) -> torch.Tensor:
+        """(int8 rows + 128) as uint8 -> fp32 integer sums times the weight scales, through oneDNN."""
+        return torch.ops.onednn.qlinear_pointwise(
+            shifted, 1.0, _UINT8_SHIFT, self.packed_weight, self.weight_scale, self.weight_zero_point, None,
+            1.0, 0, torch.float32, "none", [], "")
+
     def _scaled_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[0] == 0:  # oneDNN refuses an empty input
             return rows.new_empty(0, self.out_features)
         quantized, row_scale = quantize_rows(rows)
         # v + 128 as a byte is v's two's-complement byte with its top bit flipped.
-        shifted = quantized.view(torch.uint8).bitwise_xor_(_UINT8_SHIFT)
-        out = torch.ops.onednn.qlinear_pointwise(
-            shifted, 1.0, _UINT8_SHIFT, self.packed_weight, self.weight_scale, self.weight_zero_point, None,
-            1.0, 0, torch.float32, "none", [], "")
-        return out.mul_(row_scale)
+        return self._int8_matmul(quantized.view(torch.uint8).bitwise_xor_(_UINT8_SHIFT)).mul_(row_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.kernels is None or rows.shape[0] == 0 or (self.gemv is not None and rows.shape[0] <= MAX_ROWS):
+            return super().forward(x)
+        # The compiled kernel's rounding and epilogue: the same values as Int8Linear's torch ops, each in
+        # one pass, and the rows of a bf16 model read and written in bf16 (no fp32 copies).
+        if rows.dtype not in (torch.float32, torch.bfloat16):
+            rows = rows.float()
+        smooth = self.inv_smooth if self.inv_smooth is not None else _NO_TENSOR
+        shifted, row_scale = self.kernels.quantize_rows(rows, smooth)
+        bias = self.bias.float() if self.bias is not None else _NO_TENSOR
+        out = self.kernels.scale_rows(self._int8_matmul(shifted), row_scale, bias, rows.dtype == torch.bfloat16)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class HighPrecisionLinear(nn.Module):
     """A linear layer of the `int8` method that rounding would hurt, run in `dtype` (bf16, or fp32 where
-    bf16 is slow) inside an fp32 model: the input is cast to `dtype` and the output back.
+    bf16 is slow) inside an fp32 or bf16 model: the input is cast to `dtype` and the output back.
 
     The "onednn" kernel prepacks the weight like `conveyor.model.kernels.OneDNNLinear`, and with `gemv`
     a bf16 layer runs steps of 1-4 rows through the C++ bf16 product (`Bf16Rows`), as that one does.

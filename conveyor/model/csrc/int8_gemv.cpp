@@ -348,6 +348,125 @@ torch::Tensor bf16(const torch::Tensor& x, const torch::Tensor& packed, const to
   return out;
 }
 
+// The int8 mode's activation rounding for any number of rows, ahead of oneDNN's int8 linear
+// (OneDNNInt8Linear): each row of x (fp32 or bf16, made fp32: exact) times inv_smooth (fp32 [K] or empty)
+// rounded to int8 with its own scale as quantize_rows rounds it (amax / 127, then x / scale rounded half to
+// even), stored as unsigned bytes q + 128 (oneDNN's activations are unsigned; its zero point takes the 128
+// back out). Returns (uint8 [M, K], fp32 row scales [M, 1]). One pass instead of torch's chain of six ops.
+std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, const torch::Tensor& inv_smooth) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "quantize_rows takes fp32 or bf16 rows");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  const bool smooth = inv_smooth.numel() > 0;
+  TORCH_CHECK(!smooth || (inv_smooth.scalar_type() == torch::kFloat32 && inv_smooth.is_contiguous() &&
+                          inv_smooth.numel() == K), "inv_smooth must be a contiguous fp32 [K] tensor");
+  auto q = torch::empty({M, K}, xc.options().dtype(torch::kUInt8));
+  auto scales = torch::empty({M, 1}, xc.options().dtype(torch::kFloat32));
+  const bool is_bf16 = xc.scalar_type() == torch::kBFloat16;
+  const float* xf = is_bf16 ? nullptr : xc.data_ptr<float>();
+  const c10::BFloat16* xb = is_bf16 ? xc.data_ptr<c10::BFloat16>() : nullptr;
+  const float* inv = smooth ? inv_smooth.data_ptr<float>() : nullptr;
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  const auto value = [&](int64_t m, int64_t k) {
+    const float v = is_bf16 ? static_cast<float>(xb[m * K + k]) : xf[m * K + k];
+    return smooth ? v * inv[k] : v;
+  };
+#ifdef CONVEYOR_AVX512
+  const auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const auto load = [&](int64_t m, int64_t k) {
+    __m512 v = is_bf16 ? widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + m * K + k)))
+                       : _mm512_loadu_ps(xf + m * K + k);
+    return smooth ? _mm512_mul_ps(v, _mm512_loadu_ps(inv + k)) : v;
+  };
+#endif
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int64_t k = 0;
+      float amax = 0.0f;
+#ifdef CONVEYOR_AVX512
+      __m512 vmax = _mm512_setzero_ps();
+      for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_and_ps(load(m, k), sign_off));
+      amax = _mm512_reduce_max_ps(vmax);
+#endif
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(value(m, k)));
+      const float scale = std::max(amax, 1e-12f) / 127.0f;
+      sp[m] = scale;
+      k = 0;
+#ifdef CONVEYOR_AVX512
+      const __m512 vscale = _mm512_set1_ps(scale);
+      const __m512i shift = _mm512_set1_epi32(128);
+      for (; k + 16 <= K; k += 16) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load(m, k), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(r), shift);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + k), _mm512_cvtepi32_epi8(u));
+      }
+#endif
+      for (; k < K; ++k) qp[m * K + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(value(m, k) / scale)) + 128);
+    }
+  });
+  return {q, scales};
+}
+
+// fp32 c10::BFloat16 rounding (half to even; NaN to the quiet NaN), 16 values at a time.
+#ifdef CONVEYOR_AVX512
+inline __m256i round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+#endif
+
+// The int8 mode's epilogue after oneDNN's int8 linear: acc (fp32 [M, N], the integer sums times the weight
+// scales) * row_scale (fp32 [M, 1]) + bias (fp32 [N] or empty), in fp32 or rounded to bf16 (`as_bf16`):
+// what the torch reference computes with mul_, add_ and .to, in one pass.
+torch::Tensor scale_rows(const torch::Tensor& acc, const torch::Tensor& row_scale, const torch::Tensor& bias,
+                         bool as_bf16) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == torch::kFloat32 && acc.is_contiguous(),
+              "acc must be a contiguous fp32 [M, N] tensor");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(row_scale.scalar_type() == torch::kFloat32 && row_scale.is_contiguous() && row_scale.numel() == M,
+              "row_scale must be a contiguous fp32 [M, 1] tensor");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
+              "bias must be empty or a contiguous fp32 [N] tensor");
+  if (!as_bf16 && bias.numel() == 0) return acc.mul_(row_scale);  // in place, as the reference's mul_
+  auto out = as_bf16 ? torch::empty({M, N}, acc.options().dtype(torch::kBFloat16)) : acc;
+  const float* ap = acc.data_ptr<float>();
+  const float* rp = row_scale.data_ptr<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  c10::BFloat16* ob = as_bf16 ? out.data_ptr<c10::BFloat16>() : nullptr;
+  float* of = as_bf16 ? nullptr : out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float r = rp[m];
+      const float* a = ap + m * N;
+      int64_t n = 0;
+#ifdef CONVEYOR_AVX512
+      if (as_bf16) {
+        auto* o = reinterpret_cast<__m256i*>(ob + m * N);
+        const __m512 vr = _mm512_set1_ps(r);
+        for (; n + 16 <= N; n += 16) {
+          __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a + n), vr);
+          if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n));
+          _mm256_storeu_si256(o + n / 16, round_bf16(v));
+        }
+      }
+#endif
+      for (; n < N; ++n) {
+        const float v = bp ? a[n] * r + bp[n] : a[n] * r;  // two roundings: -ffp-contract=off
+        if (as_bf16) ob[m * N + n] = c10::BFloat16(v);
+        else of[m * N + n] = v;
+      }
+    }
+  });
+  return out;
+}
+
 // Which loops this build has: in the log line and the tests.
 std::string isa() {
 #if defined(CONVEYOR_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
@@ -367,6 +486,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_only", &weight_only, "fp32 x @ (packed int8 weight * group scales).T for 1-4 rows");
   m.def("w8a8", &w8a8, "the int8 mode's product (rows rounded to int8) for 1-4 rows");
   m.def("bf16", &bf16, "a bf16 linear (fp32 sums, bf16 result) for 1-4 rows");
+  m.def("quantize_rows", &quantize_rows, "rows rounded to int8 per row (+ 128, unsigned), with their scales");
+  m.def("scale_rows", &scale_rows, "the int8 linear's epilogue: * row scale + bias, fp32 or bf16");
   m.def("isa", &isa, "the vector loops this build has");
   m.attr("MAX_ROWS") = kMaxRows;
   m.attr("WEIGHT_ONLY_STEP") = kWeightOnlyStep;
