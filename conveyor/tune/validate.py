@@ -1,7 +1,7 @@
 """`conveyor tune --validate`: run the top candidates and the default for real and set predicted beside measured.
 
 Each run starts a fresh `conveyor serve --config` on 127.0.0.1 (a cold prefix cache, as in the simulator),
-warms it up with one short request, sends the workload with the `conveyor bench` clients at the given
+warms it up with a few requests at once, sends the workload with the `conveyor bench` clients at the given
 load, and stops the server. Candidates take turns within each round (interleaved), so a machine whose
 speed drifts during validation penalizes none of them in particular. Each run is judged as the search
 judges a simulated one: did it meet every SLO at the percentile (measured by the client), and with how
@@ -192,8 +192,8 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
     for row in over_rounds:
         print(f"{Candidate(**row['candidate']).label()} at {row['rate']:.3g} {workload.rate_unit}, predicted against "
               f"the mean of {row['rounds']} rounds:\n{format_comparison(row)}")
-    return {"rows": rows, "rates": rates, "over_rounds": over_rounds, "slo": tuner.slo.describe(), "recommended": recommended.settings(),
-            "reason": reason, "scores": [{"candidate": c.settings(), "measured": scores[c],
+    return {"rows": rows, "rates": rates, "over_rounds": over_rounds, "slo": tuner.slo.describe(),
+            "recommended": recommended.settings(), "reason": reason, "scores": [{"candidate": c.settings(), "measured": scores[c],
                                           "predicted": validated_score(rows, c.settings(), "predicted")}
                                          for c in candidates]}
 
