@@ -70,8 +70,9 @@ def machine_precision(device: str) -> tuple[str, str | None, str]:
 
     The fastest mode whose next-token distributions stay within llama.cpp's Q4_K_M error of the exact
     model (docs/benchmarks.md, "A better int8 mode, and the default precision"): bf16 on a CPU with
-    native bf16 dot products (AVX-512 BF16, AMX), where it measured as fast as either int8 mode and 5x
-    closer to the exact model than llama.cpp; else fp32, the exact model (bf16 is emulated there, and
+    native bf16 dot products (AVX-512 BF16, AMX), 5x closer to the exact model than llama.cpp (`int8` over
+    bf16 measured 8-12% faster on W1, but within llama.cpp's error by only 2%: too thin a margin to promise
+    on other text, docs/benchmarks.md "int8 over bf16"); else fp32, the exact model (bf16 is emulated there, and
     the int8 mode is not measured on such CPUs), which is also what any other device gets.
     """
     if device != "cpu":
