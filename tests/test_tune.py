@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,16 @@ def test_the_profile_is_measured_once_per_model_and_setting(tiny_model_dirs, tmp
     assert overhead is not None and 0.2 < overhead.step_factor < 5 and overhead.request_seconds >= 0
     assert len(overhead.details["ttft_measured"]) >= 8 and len(profile.steps) == profile.num_steps
     assert overhead.details["served_steps"] >= 8  # read from the server's step stream while it served them
+    # measured several times on one server (each run with prompts of its own), the median run kept; each
+    # request's time outside the engine taken directly (client TTFT minus engine TTFT), not as a residual
+    history = profile.overhead_history
+    assert len(history) == profile_module.FIRST_OVERHEAD_RUNS and all(e["details"] is None for e in history)
+    assert overhead.step_factor == sorted(e["step_factor"] for e in history)[1]
+    assert profile.typical_overhead().step_factor == overhead.step_factor
+    assert all(0 < e["request_seconds"] < 1 for e in history)
     again, again_path, measured_again = load_or_profile(config, TINY_PLAN, tmp_path)
     assert (again_path, measured_again, again.cost_model) == (path, False, profile.cost_model)
-    assert again.server_overhead == overhead
+    assert again.server_overhead == overhead and again.overhead_history == history
     other = load_or_profile(dataclasses.replace(config, num_threads=1), TINY_PLAN, tmp_path, server_overhead=False)
     assert other[1] != path and other[2] and other[0].server_overhead is None
     # Every family of calibration steps ran, a chat's next turn among them: a chunk after a cached prefix
@@ -117,6 +125,14 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     assert "measured TTFT inside the engine" in printed
     assert all(0 < row["measured"]["engine_ttft_s"]["p50"] < row["measured"]["ttft_s"]["p50"] for row in rows)
     assert result["validation"]["recommended"] == result["recommended"]
+    # the overhead measured again before validating joined the profile's history, and the prediction used
+    # the median of the history, not the newest measurement alone
+    history = result["profile"]["overhead_history"]
+    now = result["profile"]["server_overhead_now"]  # None when this command measured the profile itself
+    assert len(history) == profile_module.FIRST_OVERHEAD_RUNS + (now is not None)
+    assert f"the median of {len(history)} measurements" in printed
+    assert result["profile"]["server_overhead_predicted_with"]["step_factor"] == \
+        pytest.approx(statistics.median(e["step_factor"] for e in history))
 
 
 @pytest.mark.parametrize("margin", ["-0.1", "1"])

@@ -4,10 +4,12 @@ its effect on the simulation."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
 
+from conveyor.bench.serve import RequestResult
 from conveyor.bench.workloads import w1_requests
 from conveyor.config import EngineConfig
 from conveyor.tune.cli import describe_overhead
@@ -17,8 +19,10 @@ from conveyor.tune.overhead import (
     fit_overhead,
     fit_request_seconds,
     fit_step_cost,
+    outside_engine_seconds,
     step_factor_by_kind,
 )
+from conveyor.tune.profile import OVERHEAD_HISTORY, Profile
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -287,6 +291,42 @@ def test_the_per_request_seconds_are_the_median_ttft_residual_never_negative() -
     assert fit_request_seconds([0.3, 0.32, 0.5], lambda delay: [0.2 + delay, 0.2 + delay, 0.2 + delay]) == \
         pytest.approx(0.12)
     assert fit_request_seconds([0.1, 0.1], lambda delay: [0.2 + delay, 0.2 + delay]) == 0.0
+
+
+def test_the_time_outside_the_engine_pairs_each_response_with_its_engine_request() -> None:
+    # The engine runs a completion's prompt p, sample i as "<completion id>-p-i"; the ids themselves hold "-".
+    results = [RequestResult(10, 4, True, 4, ttft=0.30, response_id="cmpl-a1"),
+               RequestResult(10, 4, True, 4, ttft=0.50, response_id="cmpl-b2"),
+               RequestResult(10, 4, True, 4, ttft=0.90, response_id="cmpl-c3"),
+               RequestResult(10, 4, False, 0, ttft=5.0, response_id="cmpl-d4"),  # failed: not counted
+               RequestResult(10, 4, True, 4, ttft=7.0, response_id="cmpl-e5")]  # never seen by the engine
+    engine = {"cmpl-a1-0-0": 0.29, "cmpl-b2-0-0": 0.47, "cmpl-c3-0-0": 0.80, "cmpl-d4-0-0": 0.1}
+    assert outside_engine_seconds(results, engine) == pytest.approx(0.03)  # the median of 10, 30 and 100 ms
+    assert outside_engine_seconds(results, {}) is None
+    assert outside_engine_seconds(results[:1], {"cmpl-a1-0-0": 0.4}) == 0.0  # never below zero
+
+
+def test_predictions_take_each_overhead_figure_s_median_over_the_measurements() -> None:
+    measured = [ServerOverhead(0.010, 1.05, {"x": 1}, (0.8, 0.9, 1.0, 1.0)),
+                ServerOverhead(0.030, 1.30, None, (0.7, 0.8, 0.9, 1.0)),  # a slow minute
+                ServerOverhead(0.020, 1.00, None, (0.9, 1.0, 1.1, 1.2))]
+    typical = ServerOverhead.median_of(measured)
+    assert typical == ServerOverhead(pytest.approx(0.020), pytest.approx(1.05), None,
+                                     (pytest.approx(0.8), pytest.approx(0.9), pytest.approx(1.0), pytest.approx(1.0)))
+    # a measurement without per-row factors makes the median have none (every step takes the step factor)
+    assert ServerOverhead.median_of(measured + [ServerOverhead(0.0, 1.0)]).few_row_factors is None
+
+
+def test_the_profile_keeps_the_newest_overheads_and_predicts_with_their_median() -> None:
+    profile = Profile({}, MODEL, COST, {}, 0, 0.0, ServerOverhead(0.05, 2.0))
+    assert profile.typical_overhead() == ServerOverhead(0.05, 2.0)  # a profile from before the history
+    profile.remember([ServerOverhead(0.01 * n, 1.0 + 0.01 * n, {"big": "details"}) for n in range(12)])
+    assert len(profile.overhead_history) == OVERHEAD_HISTORY == 9  # the newest nine: n = 3..11
+    assert [entry["step_factor"] for entry in profile.overhead_history][0] == pytest.approx(1.03)
+    assert all(entry["details"] is None and entry["measured_at"] > 0 for entry in profile.overhead_history)
+    assert profile.typical_overhead().step_factor == pytest.approx(1.07)
+    again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again.overhead_history == profile.overhead_history and again.typical_overhead() == profile.typical_overhead()
 
 
 def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_run() -> None:

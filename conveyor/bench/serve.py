@@ -35,6 +35,7 @@ class RequestResult:
     text: str = ""  # the streamed text, for a chat's next turn
     prompt_tokens: int = 0  # as the server counted them (usage)
     cached_tokens: int = 0  # of those, found in its prefix cache (usage.prompt_tokens_details), if it says
+    response_id: str = ""  # the server's id of the completion (its first chunk's "id")
 
     @property
     def tpot(self) -> float:
@@ -78,6 +79,7 @@ async def stream_request(client: httpx.AsyncClient, path: str, body: dict, resul
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                result.response_id = result.response_id or chunk.get("id", "")
                 if chunk.get("usage"):
                     _read_usage(chunk["usage"], result)
                 choice = chunk["choices"][0] if chunk.get("choices") else {}

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def _tune(args: argparse.Namespace) -> int:
     from conveyor.model.loader import resolve_model_path
     from conveyor.tune.overhead import measure_server_overhead
-    from conveyor.tune.profile import CalibrationPlan, load_or_profile
+    from conveyor.tune.profile import CalibrationPlan, load_or_profile, save_profile
     from conveyor.tune.report import format_table, write_outputs
     from conveyor.tune.search import Candidate, Slo, Tuner, grid, rank, refinements
 
@@ -55,13 +55,21 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"server overhead (measured against conveyor serve): {describe_overhead(profile.server_overhead)}",
               flush=True)
 
-    overhead = profile.server_overhead
+    now = None
     if args.validate and not measured and not args.no_speed_check:
-        # The predictions to be checked should be today's: the machine's speed drifts by 10% in minutes and
-        # the server's share of the cores moves with it, so both are measured again, on a served run.
-        overhead = measure_server_overhead(base, resolve_model_path(base.model), profile.model_config,
-                                           profile.cost_model)
-        print(f"server overhead now (measured again against conveyor serve): {describe_overhead(overhead)}", flush=True)
+        # The predictions to be checked should be today's: the server's share of the cores moves with the
+        # machine's speed, so it is measured again, on a served run, and joins the history of measurements.
+        now = measure_server_overhead(base, resolve_model_path(base.model), profile.model_config,
+                                      profile.cost_model)[0]
+        print(f"server overhead now (measured again against conveyor serve): {describe_overhead(now)}", flush=True)
+        profile.remember([now])
+        save_profile(profile, profile_path)
+    # The median of the measurements so far: one taken in a slow minute (this machine's speed drifts by 10-30%
+    # between minutes) must not set every prediction of a command.
+    overhead = profile.typical_overhead()
+    if overhead and len(profile.overhead_history) > 1:
+        print(f"server overhead predicted with (the median of {len(profile.overhead_history)} measurements): "
+              f"{describe_overhead(overhead)}", flush=True)
     workload = _workload(args, base)
     tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,
                   overhead, args.slo_margin)
@@ -101,7 +109,8 @@ def _tune(args: argparse.Namespace) -> int:
         validation = validate(args, base, workload, tuner, evaluations[:args.validate_top], default_evaluation,
                               fixed_rate)
     write_outputs(Path(args.output_dir), base, evaluations, grid_evaluations, default_evaluation, validation,
-                  {**profile.to_dict(), "steps": None, "server_overhead_now": asdict(overhead) if overhead else None}, slo, workload.rate_unit, fixed_rate is not None)
+                  {**profile.to_dict(), "steps": None, "server_overhead_now": asdict(now) if now else None,
+                   "server_overhead_predicted_with": asdict(overhead) if overhead else None}, slo, workload.rate_unit, fixed_rate is not None)
     print(f"conveyor tune took {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -192,5 +201,7 @@ def describe_overhead(overhead: ServerOverhead) -> str:
     details = overhead.details or {}
     if "step_miss" in details:  # NOTE: a profile cached before 2026-11-26 14:00 has other details
         text += (f" (from {details['served_steps']} served steps, median miss {100 * details['step_miss']:.1f}%; "
-                 f"by request timings x{details['factor_by_requests']:.3f})")
+                 f"by request timings x{details['factor_by_requests']:.3f}"
+                 + (f"; per request as a TTFT residual {1000 * details['request_seconds_by_residual']:.1f} ms"
+                    if "request_seconds_by_residual" in details else "") + ")")
     return text

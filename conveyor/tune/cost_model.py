@@ -201,6 +201,16 @@ class ServerOverhead:
         return cls(data.get("request_seconds", 0.0), data.get("step_factor", 1.0), data.get("details"),
                    tuple(factors) if factors else None)
 
+    @classmethod
+    def median_of(cls, overheads: Sequence[ServerOverhead]) -> ServerOverhead:
+        """Each figure's median over several measurements (no details): this machine's speed drifts by 10-30%
+        between minutes, and one measurement taken in a slow minute would set a whole command's predictions.
+        The few-row factors are kept only if every measurement has them."""
+        few = [o.few_row_factors for o in overheads]
+        return cls(float(np.median([o.request_seconds for o in overheads])),
+                   float(np.median([o.step_factor for o in overheads])), None,
+                   None if any(f is None for f in few) else tuple(float(v) for v in np.median(np.array(few), axis=0)))
+
     def factor_of(self, rows: Sequence[RowShape]) -> float:
         if self.few_row_factors is not None and is_few_row_step(rows):
             return self.few_row_factors[len(rows) - 1]

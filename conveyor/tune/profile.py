@@ -20,7 +20,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_EVERY = 5  # every fifth calibration step is kept out of the fit to measure its error
 DECODE_STEPS = 4  # decode steps measured per (batch, context) point
+FIRST_OVERHEAD_RUNS = 3  # server overhead runs of a new profile (one server, ~40 s each): their median is kept
+OVERHEAD_HISTORY = 9  # server overheads kept (each `tune --validate` adds one); predictions take their median
 
 
 @dataclass(frozen=True)
@@ -79,19 +81,35 @@ class Profile:
     server_overhead: ServerOverhead | None = None  # measured against `conveyor serve`; None: not yet
     # every calibration step as ([[start, num_new, samples], ...], seconds): to study or refit the model
     steps: list | None = None
+    # every server overhead measured since (the newest OVERHEAD_HISTORY), each with "measured_at" (unix seconds)
+    overhead_history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         overhead = asdict(self.server_overhead) if self.server_overhead else None
         return {"key": self.key, "model_config": asdict(self.model_config), "cost_model": self.cost_model.to_dict(),
                 "held_out_error": self.held_out_error, "num_steps": self.num_steps, "seconds": self.seconds,
-                "server_overhead": overhead, "steps": self.steps}
+                "server_overhead": overhead, "overhead_history": self.overhead_history, "steps": self.steps}
 
     @classmethod
     def from_dict(cls, data: dict) -> Profile:
         overhead = data.get("server_overhead")
         return cls(data["key"], ModelConfig(**data["model_config"]), CostModel.from_dict(data["cost_model"]),
                    data["held_out_error"], data["num_steps"], data["seconds"],
-                   ServerOverhead.from_dict(overhead) if overhead else None, data.get("steps"))
+                   ServerOverhead.from_dict(overhead) if overhead else None, data.get("steps"),
+                   data.get("overhead_history") or [])
+
+    def remember(self, overheads: list[ServerOverhead]) -> None:
+        """Add newly measured server overheads to the history (their figures, not their details)."""
+        now = time.time()
+        entries = [json.loads(json.dumps(dict(asdict(replace(o, details=None)), measured_at=now))) for o in overheads]
+        self.overhead_history = (self.overhead_history + entries)[-OVERHEAD_HISTORY:]  # as saved: lists, not tuples
+
+    def typical_overhead(self) -> ServerOverhead | None:
+        """What predictions use: each figure's median over the history (`ServerOverhead.median_of`); a profile
+        measured before the history was kept has its one measurement."""
+        if not self.overhead_history:
+            return self.server_overhead
+        return ServerOverhead.median_of([ServerOverhead.from_dict(entry) for entry in self.overhead_history])
 
 
 def profile_key(config: EngineConfig) -> dict:
@@ -142,13 +160,20 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
         profile = refit(earlier, key) if earlier else run_profile(config, plan, key)
     if server_overhead and _stale_overhead(profile.server_overhead):
         started = time.perf_counter()
-        profile.server_overhead = measure_server_overhead(config, resolve_model_path(config.model),
-                                                          profile.model_config, profile.cost_model)
+        overheads = measure_server_overhead(config, resolve_model_path(config.model), profile.model_config,
+                                            profile.cost_model, runs=FIRST_OVERHEAD_RUNS)
+        profile.server_overhead = _median_run(overheads)
+        profile.remember(overheads)
         profile.seconds += time.perf_counter() - started
     elif not measured:
         return profile, path, False
-    _save(profile, path)
+    save_profile(profile, path)
     return profile, path, measured
+
+
+def _median_run(overheads: list[ServerOverhead]) -> ServerOverhead:
+    """The measurement whose step factor is the median (with its details, for the report)."""
+    return sorted(overheads, key=lambda o: o.step_factor)[len(overheads) // 2]
 
 
 def _stale_overhead(overhead: ServerOverhead | None) -> bool:
@@ -196,7 +221,7 @@ def _fit(steps: list[tuple[list[RowShape], float]], shape: AttentionShape,
     return model, summary
 
 
-def _save(profile: Profile, path: Path) -> None:
+def save_profile(profile: Profile, path: Path) -> None:
     temporary = atomic_write_path(path)
     temporary.write_text(json.dumps(profile.to_dict(), indent=2))
     temporary.replace(path)
