@@ -123,6 +123,8 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     assert "at run speed" in printed and all(row["run_step_factor"] > 0 for row in rows)
     # and each request's TTFT inside the engine, which the client's (HTTP, hand-off, delivery) exceeds
     assert "measured TTFT inside the engine" in printed
+    # and the engine loop's time between busy steps, which each step's served time now counts
+    assert "between busy steps" in printed and all(row["measured"]["step_gap_s"]["p50"] >= 0 for row in rows)
     assert all(0 < row["measured"]["engine_ttft_s"]["p50"] < row["measured"]["ttft_s"]["p50"] for row in rows)
     assert result["validation"]["recommended"] == result["recommended"]
     # the overhead measured again before validating joined the profile's history, and the prediction used

@@ -4,8 +4,10 @@ its effect on the simulation."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
+import httpx
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from conveyor.config import EngineConfig
 from conveyor.tune.cli import describe_overhead
 from conveyor.tune.cost_model import RowShape, ServerOverhead, is_few_row_step
 from conveyor.tune.overhead import (
+    _read_steps,
     at_rate,
     fit_overhead,
     fit_request_seconds,
@@ -291,6 +294,32 @@ def test_the_per_request_seconds_are_the_median_ttft_residual_never_negative() -
     assert fit_request_seconds([0.3, 0.32, 0.5], lambda delay: [0.2 + delay, 0.2 + delay, 0.2 + delay]) == \
         pytest.approx(0.12)
     assert fit_request_seconds([0.1, 0.1], lambda delay: [0.2 + delay, 0.2 + delay]) == 0.0
+
+
+def _step_event(start: float, duration: float, rows: list[list], running: int, waiting: int = 0) -> str:
+    payload = {"time": start + duration, "duration": duration, "rows": rows, "running": running,
+               "waiting": waiting, "updates": []}
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def test_a_busy_step_is_served_until_the_next_one_starts_an_idle_one_for_its_duration() -> None:
+    # Three steps: the first leaves requests running (the next starts 2 ms after it ends: the engine loop's
+    # hand-over), the second leaves the engine idle (the third starts at a new request, 1 s later), the
+    # third is the last (nothing to measure it against).
+    body = (_step_event(10.000, 0.040, [[0, 64, 1]], running=1) + _step_event(10.042, 0.020, [[64, 1, 1]], running=0)
+            + _step_event(11.062, 0.030, [[0, 32, 1]], running=1))
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def read() -> tuple[list, list[float]]:
+        steps: list = []
+        gaps: list[float] = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await _read_steps(client, steps, None, gaps)
+        return steps, gaps
+
+    steps, gaps = asyncio.run(read())
+    assert [seconds for _, seconds in steps] == [pytest.approx(0.042), pytest.approx(0.020), pytest.approx(0.030)]
+    assert steps[0][0] == [RowShape(0, 64, True)] and gaps == [pytest.approx(0.002)]
 
 
 def test_the_time_outside_the_engine_pairs_each_response_with_its_engine_request() -> None:

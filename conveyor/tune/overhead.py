@@ -106,7 +106,7 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
 
 
 def _fit_run(resolved: EngineConfig, cost_model: CostModel, timed: list[SimRequest], measured: list[RequestResult],
-             steps: list[Step], engine_ttfts: dict[str, float]) -> ServerOverhead:
+             steps: list[Step], engine_ttfts: dict[str, float], gaps: list[float]) -> ServerOverhead:
     """One overhead run's `ServerOverhead`: the step factors from its served steps, the per-request seconds
     measured directly (client TTFT minus engine TTFT); the earlier fits are kept in the details to compare."""
     if not steps:
@@ -134,7 +134,7 @@ def _fit_run(resolved: EngineConfig, cost_model: CostModel, timed: list[SimReque
                    output_lens=[r.output_len for r in timed], arrivals=[r.arrival_time for r in timed],
                    ttft_measured=[t for t, _ in timings], ttft_simulated=[t for t, _ in simulated_now],
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
-                   request_seconds_by_residual=by_residual,
+                   request_seconds_by_residual=by_residual, step_gap_p50=float(np.median(gaps)) if gaps else None,
                    factor_by_requests=by_requests.step_factor, request_seconds_by_requests=by_requests.request_seconds)
     logger.info("server overhead from %d served steps: x%.3f (decode steps of 1-%d rows %s), %.1f ms per request "
                 "outside the engine (as a TTFT residual: %.1f ms)", len(steps), factor, FEW_ROWS,
@@ -247,15 +247,16 @@ def fit_overhead(measured: Timings, simulate_with: Callable[[float, float], Timi
 
 
 async def _send(base_url: str, runs: list[list[SimRequest]]
-                ) -> list[tuple[list[RequestResult], list[Step], dict[str, float]]]:
+                ) -> list[tuple[list[RequestResult], list[Step], dict[str, float], list[float]]]:
     """The runs one after another, each request at its arrival time (seconds after its run's first),
     streamed, under one reader of the server's step stream (a second reader would first get the ring's
     backlog: the earlier runs' steps); a failure is an error. Per run: the requests' results, the served
     steps and each request's TTFT inside the engine."""
     engine_ttfts: dict[str, float] = {}
+    gaps: list[float] = []
     done = []
     async with benchmark_client(ServeSettings(base_url=base_url)) as client, \
-            served_steps(base_url, engine_ttfts) as steps:
+            served_steps(base_url, engine_ttfts, gaps) as steps:
         for requests in runs:
             first_step = len(steps)
 
@@ -273,18 +274,21 @@ async def _send(base_url: str, runs: list[list[SimRequest]]
             started = time.perf_counter()
             results = list(await asyncio.gather(*(one(request, started) for request in requests)))
             await asyncio.sleep(STEP_FLUSH_SECONDS)  # the run's last steps reach the reader
-            done.append((results, steps[first_step:], dict(engine_ttfts)))
+            done.append((results, steps[first_step:], dict(engine_ttfts), list(gaps)))
             engine_ttfts.clear()
+            gaps.clear()
     return done
 
 
 @contextlib.asynccontextmanager
-async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = None) -> AsyncIterator[list[Step]]:
-    """The steps a server runs while the block runs (rows and duration each), read from its step stream;
-    with `engine_ttfts`, also each request's TTFT inside the engine (from reaching it to its first token)."""
+async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = None,
+                       gaps: list[float] | None = None) -> AsyncIterator[list[Step]]:
+    """The steps a server runs while the block runs (rows and served seconds each), read from its step
+    stream; with `engine_ttfts`, also each request's TTFT inside the engine (from reaching it to its first
+    token); with `gaps`, the engine loop's time between consecutive busy steps."""
     async with httpx.AsyncClient(base_url=base_url, timeout=None) as client:
         steps: list[Step] = []
-        watcher = asyncio.ensure_future(_read_steps(client, steps, engine_ttfts))
+        watcher = asyncio.ensure_future(_read_steps(client, steps, engine_ttfts, gaps))
         await asyncio.sleep(0.2)  # the stream is open before the first request (it records only while watched)
         try:
             yield steps
@@ -295,16 +299,34 @@ async def served_steps(base_url: str, engine_ttfts: dict[str, float] | None = No
                 await watcher
 
 
-async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts: dict[str, float] | None) -> None:
-    """Append every step of the server's step stream (rows and duration) until cancelled."""
-    async with client.stream("GET", "/v1/engine/steps") as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"reading the served steps: /v1/engine/steps answered HTTP {response.status_code}")
-        async for line in response.aiter_lines():
-            if line.startswith("data: "):
+async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts: dict[str, float] | None,
+                      gaps: list[float] | None) -> None:
+    """Append every step of the server's step stream until cancelled: its rows, and its served seconds.
+    A step after which requests remain is served from its start to the next step's start: between the two
+    the engine loop hands the outputs to the server, feeds the step stream and takes new requests, time
+    the profile's back-to-back in-process steps do not pay (~1-3 ms a step). A step that leaves the
+    engine idle is served for its own duration (the wait for the next request is not its cost)."""
+    pending: tuple[list[RowShape], float, float, bool] | None = None  # rows, start, duration, busy after
+    try:
+        async with client.stream("GET", "/v1/engine/steps") as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"reading the served steps: /v1/engine/steps answered HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
                 step = json.loads(line[len("data: "):])
-                steps.append(([RowShape(start, num_new, bool(samples)) for start, num_new, samples in step["rows"]],
-                              float(step["duration"])))
+                start = float(step["time"]) - float(step["duration"])
+                if pending is not None:
+                    rows, started, duration, busy = pending
+                    served = start - started if busy and start - started >= duration else duration
+                    steps.append((rows, served))
+                    if busy and gaps is not None:
+                        gaps.append(served - duration)
+                pending = ([RowShape(first, num_new, bool(samples)) for first, num_new, samples in step["rows"]],
+                           start, float(step["duration"]), step["running"] + step["waiting"] > 0)
                 for update in step["updates"] if engine_ttfts is not None else []:
                     if update["first_token"] is not None and update["arrival"] is not None:
                         engine_ttfts[update["id"]] = update["first_token"] - update["arrival"]
+    finally:
+        if pending is not None:  # the last step: nothing follows it to measure against
+            steps.append((pending[0], pending[2]))

@@ -118,10 +118,13 @@ def measure(args: argparse.Namespace, base: EngineConfig, candidate: Candidate, 
 
 async def _watched(base_url: str, benchmark: Coroutine[Any, Any, dict]) -> tuple[dict, list[Step]]:
     engine_ttfts: dict[str, float] = {}
-    async with served_steps(base_url, engine_ttfts) as steps:
+    gaps: list[float] = []
+    async with served_steps(base_url, engine_ttfts, gaps) as steps:
         summary = await benchmark
     if engine_ttfts:  # where the client's TTFT went: inside the engine, or around it (HTTP, hand-off, delivery)
         summary["engine_ttft_s"] = percentiles(list(engine_ttfts.values()))
+    if gaps:  # the engine loop between busy steps (outputs handed over, step stream fed, requests taken)
+        summary["step_gap_s"] = percentiles(gaps)
     return summary, steps
 
 
@@ -286,6 +289,10 @@ def format_comparison(row: dict) -> str:
         engine, client = row["measured"]["engine_ttft_s"], row["measured"]["ttft_s"]
         lines.append(f"  measured TTFT inside the engine: p50 {1000 * engine['p50']:.1f}, p99 {1000 * engine['p99']:.1f} ms "
                      f"(the client's p50 is {1000 * (client['p50'] - engine['p50']):.1f} ms more)")
+    if "step_gap_s" in row["measured"]:
+        gap = row["measured"]["step_gap_s"]
+        lines.append(f"  between busy steps (counted in each step's served time): p50 {1000 * gap['p50']:.2f}, "
+                     f"p99 {1000 * gap['p99']:.2f} ms")
     if "cached_ratio" in row["measured"]:  # chats: how much of the prompts the prefix cache supplied
         lines.append(f"  {'cached %':<10} {100 * row['predicted']['cached_ratio']:10.1f} "
                      f"{100 * row['measured']['cached_ratio']:10.1f}")
