@@ -25,7 +25,7 @@ from conveyor.tune.overhead import (
     outside_engine_seconds,
     step_factor_by_kind,
 )
-from conveyor.tune.profile import OVERHEAD_HISTORY, Profile
+from conveyor.tune.profile import OVERHEAD_HISTORY, OVERHEAD_REVISION, Profile
 from conveyor.tune.search import Candidate, Evaluation, Slo, Tuner
 from conveyor.tune.simulator import SimRequest, simulate
 from conveyor.tune.validate import (
@@ -349,6 +349,10 @@ def test_predictions_take_each_overhead_figure_s_median_over_the_measurements() 
 def test_the_profile_keeps_the_newest_overheads_and_predicts_with_their_median() -> None:
     profile = Profile({}, MODEL, COST, {}, 0, 0.0, ServerOverhead(0.05, 2.0))
     assert profile.typical_overhead() == ServerOverhead(0.05, 2.0)  # a profile from before the history
+    # an overhead measured another way (an earlier OVERHEAD_REVISION) is neither used nor kept
+    profile.overhead_history = [{"request_seconds": 0.5, "step_factor": 5.0, "few_row_factors": None,
+                                 "measured_at": 1.0, "revision": OVERHEAD_REVISION - 1}]
+    assert profile.typical_overhead() == ServerOverhead(0.05, 2.0)
     profile.remember([ServerOverhead(0.01 * n, 1.0 + 0.01 * n, {"big": "details"}) for n in range(12)])
     assert len(profile.overhead_history) == OVERHEAD_HISTORY == 9  # the newest nine: n = 3..11
     assert [entry["step_factor"] for entry in profile.overhead_history][0] == pytest.approx(1.03)

@@ -47,6 +47,9 @@ HELD_OUT_EVERY = 5  # every fifth calibration step is kept out of the fit to mea
 DECODE_STEPS = 4  # decode steps measured per (batch, context) point
 FIRST_OVERHEAD_RUNS = 3  # server overhead runs of a new profile (one server, ~40 s each): their median is kept
 OVERHEAD_HISTORY = 9  # server overheads kept (each `tune --validate` adds one); predictions take their median
+# How a server overhead is measured; a profile's overheads of another revision are measured again.
+# 2 (2026-11-27): a busy served step counts until the next step starts (`overhead._read_steps`).
+OVERHEAD_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -101,15 +104,18 @@ class Profile:
     def remember(self, overheads: list[ServerOverhead]) -> None:
         """Add newly measured server overheads to the history (their figures, not their details)."""
         now = time.time()
-        entries = [json.loads(json.dumps(dict(asdict(replace(o, details=None)), measured_at=now))) for o in overheads]
-        self.overhead_history = (self.overhead_history + entries)[-OVERHEAD_HISTORY:]  # as saved: lists, not tuples
+        entries = [json.loads(json.dumps(dict(asdict(replace(o, details=None)), measured_at=now,
+                                              revision=OVERHEAD_REVISION))) for o in overheads]
+        history = [entry for entry in self.overhead_history if entry.get("revision") == OVERHEAD_REVISION]
+        self.overhead_history = (history + entries)[-OVERHEAD_HISTORY:]  # as saved: lists, not tuples
 
     def typical_overhead(self) -> ServerOverhead | None:
-        """What predictions use: each figure's median over the history (`ServerOverhead.median_of`); a profile
-        measured before the history was kept has its one measurement."""
-        if not self.overhead_history:
+        """What predictions use: each figure's median over the history of this measuring revision
+        (`ServerOverhead.median_of`); else the profile's one measurement."""
+        current = [entry for entry in self.overhead_history if entry.get("revision") == OVERHEAD_REVISION]
+        if not current:
             return self.server_overhead
-        return ServerOverhead.median_of([ServerOverhead.from_dict(entry) for entry in self.overhead_history])
+        return ServerOverhead.median_of([ServerOverhead.from_dict(entry) for entry in current])
 
 
 def profile_key(config: EngineConfig) -> dict:
@@ -158,7 +164,7 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
     else:
         earlier = None if refresh else _fit_on_other_features(key, path.parent)
         profile = refit(earlier, key) if earlier else run_profile(config, plan, key)
-    if server_overhead and _stale_overhead(profile.server_overhead):
+    if server_overhead and _stale_overhead(profile):
         started = time.perf_counter()
         overheads = measure_server_overhead(config, resolve_model_path(config.model), profile.model_config,
                                             profile.cost_model, runs=FIRST_OVERHEAD_RUNS)
@@ -176,10 +182,11 @@ def _median_run(overheads: list[ServerOverhead]) -> ServerOverhead:
     return sorted(overheads, key=lambda o: o.step_factor)[len(overheads) // 2]
 
 
-def _stale_overhead(overhead: ServerOverhead | None) -> bool:
-    """No server overhead yet, or one fit before few-row decode steps had a factor per row count (2026-11-26
-    18:40): measured again (~1 min) rather than mispricing a lightly loaded server's steps."""
-    return overhead is None or "few_row_counts" not in (overhead.details or {})
+def _stale_overhead(profile: Profile) -> bool:
+    """No server overhead yet, or none measured the current way (`OVERHEAD_REVISION`): measured again
+    (~3 min) rather than pricing served steps by another measure."""
+    return profile.server_overhead is None or not any(entry.get("revision") == OVERHEAD_REVISION
+                                                      for entry in profile.overhead_history)
 
 
 def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:
