@@ -131,10 +131,13 @@ def test_tune_validates_against_real_servers(tiny_model_dirs, profile_dir, tmp_p
     # the median of the history, not the newest measurement alone
     history = result["profile"]["overhead_history"]
     now = result["profile"]["server_overhead_now"]  # None when this command measured the profile itself
-    assert len(history) == profile_module.FIRST_OVERHEAD_RUNS + (now is not None)
-    assert f"the median of {len(history)} measurements" in printed
+    # a new profile's runs, the one measured before validating, and one per validated run (two here)
+    assert len(history) == profile_module.FIRST_OVERHEAD_RUNS + (now is not None) + len(rows)
+    assert [e["step_factor"] for e in history[-2:]] == [pytest.approx(row["run_step_factor"]) for row in rows]
+    before = history[:-len(rows)]  # what this command's predictions were made with
+    assert f"the median of {len(before)} measurements" in printed
     assert result["profile"]["server_overhead_predicted_with"]["step_factor"] == \
-        pytest.approx(statistics.median(e["step_factor"] for e in history))
+        pytest.approx(statistics.median(e["step_factor"] for e in before))
 
 
 @pytest.mark.parametrize("margin", ["-0.1", "1"])

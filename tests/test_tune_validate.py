@@ -34,6 +34,7 @@ from conveyor.tune.validate import (
     format_comparison,
     mean_over_rounds,
     ranking_report,
+    run_overhead,
     validate,
     validated_score,
     validation_rates,
@@ -353,13 +354,21 @@ def test_the_profile_keeps_the_newest_overheads_and_predicts_with_their_median()
     profile.overhead_history = [{"request_seconds": 0.5, "step_factor": 5.0, "few_row_factors": None,
                                  "measured_at": 1.0, "revision": OVERHEAD_REVISION - 1}]
     assert profile.typical_overhead() == ServerOverhead(0.05, 2.0)
-    profile.remember([ServerOverhead(0.01 * n, 1.0 + 0.01 * n, {"big": "details"}) for n in range(12)])
-    assert len(profile.overhead_history) == OVERHEAD_HISTORY == 9  # the newest nine: n = 3..11
+    profile.remember([ServerOverhead(0.01 * n, 1.0 + 0.01 * n, {"big": "details"}) for n in range(18)])
+    assert len(profile.overhead_history) == OVERHEAD_HISTORY == 15  # the newest fifteen: n = 3..17
     assert [entry["step_factor"] for entry in profile.overhead_history][0] == pytest.approx(1.03)
     assert all(entry["details"] is None and entry["measured_at"] > 0 for entry in profile.overhead_history)
-    assert profile.typical_overhead().step_factor == pytest.approx(1.07)
+    assert profile.typical_overhead().step_factor == pytest.approx(1.10)
     again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())))
     assert again.overhead_history == profile.overhead_history and again.typical_overhead() == profile.typical_overhead()
+
+
+def test_a_validated_run_measures_the_server_overhead_once_more() -> None:
+    row = {"measured": {"ttft_s": {"p50": 0.310}, "engine_ttft_s": {"p50": 0.300}}, "run_step_factor": 1.1,
+           "run_few_row_factors": [0.8, 0.9, 1.0, 1.0]}
+    assert run_overhead(row) == ServerOverhead(pytest.approx(0.010), 1.1, None, (0.8, 0.9, 1.0, 1.0))
+    row = {"measured": {"ttft_s": {"p50": 0.3}}, "run_step_factor": 0.9, "run_few_row_factors": None}
+    assert run_overhead(row) == ServerOverhead(0.0, 0.9)  # the engine's TTFT not read: nothing outside it
 
 
 def test_validation_refuses_a_percentile_the_bench_does_not_measure_before_any_run() -> None:

@@ -106,8 +106,12 @@ def _tune(args: argparse.Namespace) -> int:
     if args.validate:
         from conveyor.tune.validate import validate
 
+        def remember(overhead: ServerOverhead) -> None:  # a validated run's overhead, for later commands
+            profile.remember([overhead])
+            save_profile(profile, profile_path)
+
         validation = validate(args, base, workload, tuner, evaluations[:args.validate_top], default_evaluation,
-                              fixed_rate)
+                              fixed_rate, remember)
     write_outputs(Path(args.output_dir), base, evaluations, grid_evaluations, default_evaluation, validation,
                   {**profile.to_dict(), "steps": None, "server_overhead_now": asdict(now) if now else None,
                    "server_overhead_predicted_with": asdict(overhead) if overhead else None}, slo, workload.rate_unit, fixed_rate is not None)

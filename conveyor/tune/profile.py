@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 HELD_OUT_EVERY = 5  # every fifth calibration step is kept out of the fit to measure its error
 DECODE_STEPS = 4  # decode steps measured per (batch, context) point
 FIRST_OVERHEAD_RUNS = 3  # server overhead runs of a new profile (one server, ~40 s each): their median is kept
-OVERHEAD_HISTORY = 9  # server overheads kept (each `tune --validate` adds one); predictions take their median
+# Server overheads kept: a new profile's three, one per `tune --validate` and one per validated run (~30-40
+# minutes of this machine's drift); predictions take their median.
+OVERHEAD_HISTORY = 15
 # How a server overhead is measured; a profile's overheads of another revision are measured again.
 # 2 (2026-11-27): a busy served step counts until the next step starts (`overhead._read_steps`).
 OVERHEAD_REVISION = 2

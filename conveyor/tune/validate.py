@@ -33,7 +33,7 @@ from conveyor.bench.chat import run_chat_benchmark
 from conveyor.bench.cli import conversations_from_args, workload_from_args
 from conveyor.bench.serve import ServeSettings, percentiles, run_serve_benchmark
 from conveyor.config import EngineConfig
-from conveyor.tune.cost_model import FEW_ROWS, describe_few_row_factors
+from conveyor.tune.cost_model import FEW_ROWS, ServerOverhead, describe_few_row_factors
 from conveyor.tune.overhead import Step, fit_step_cost, served_steps, step_factor_by_kind
 from conveyor.tune.report import config_file_values
 from conveyor.tune.search import Candidate, Evaluation, Tuner
@@ -156,9 +156,12 @@ def validation_rates(args: argparse.Namespace, top: list[Evaluation], default: E
 
 
 def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload, tuner: Tuner,
-             top: list[Evaluation], default: Evaluation, fixed_rate: float | None) -> dict:
+             top: list[Evaluation], default: Evaluation, fixed_rate: float | None,
+             remember: Callable[[ServerOverhead], None] | None = None) -> dict:
     """Run the top candidates and the default for real, judge them as the search does (the highest load at
-    which each meets every SLO, then goodput), and recommend the best, or the default unless one beats it."""
+    which each meets every SLO, then goodput), and recommend the best, or the default unless one beats it.
+    Each run's served steps also measure the server overhead once more (`run_overhead`), given to
+    `remember` for later commands' predictions (this command's are made before its runs and stay)."""
     if args.workload == "trace":
         raise SystemExit("conveyor tune trace --validate: replaying a trace against a server is not supported yet; "
                          "validate with the w2 or w3 workload closest to it")
@@ -182,6 +185,8 @@ def validate(args: argparse.Namespace, base: EngineConfig, workload: SimWorkload
                                  "measured_meets_slo": tuner.slo.met_by_summary(measured),
                                  **at_the_runs_speed(tuner, candidate, load, steps)})
                     print(format_comparison(rows[-1]), flush=True)
+                    if remember is not None and "run_step_factor" in rows[-1]:
+                        remember(run_overhead(rows[-1]))
     scores = {c: validated_score(rows, c.settings(), "measured") for c in candidates}
     default_score = scores[default.candidate]
     best = max(candidates, key=lambda c: scores[c])
@@ -214,6 +219,15 @@ def at_the_runs_speed(tuner: Tuner, candidate: Candidate, load: float, steps: li
             "predicted_step_factor": tuner.overhead.step_factor,
             "predicted_few_row_factors": tuner.overhead.few_row_factors,
             "run_step_factor_by_kind": step_factor_by_kind(steps, tuner.cost_model.step_seconds)}
+
+
+def run_overhead(row: dict) -> ServerOverhead:
+    """A validated run's server overhead: the step factors fit on its served steps, and the time outside
+    the engine (the client's TTFT p50 minus the engine's; 0 when the engine's was not read)."""
+    measured = row["measured"]
+    outside = measured["ttft_s"]["p50"] - measured["engine_ttft_s"]["p50"] if "engine_ttft_s" in measured else 0.0
+    few = row.get("run_few_row_factors")
+    return ServerOverhead(max(0.0, outside), row["run_step_factor"], None, tuple(few) if few else None)
 
 
 def mean_over_rounds(rows: list[dict]) -> list[dict]:
