@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_EVERY = 5  # every fifth calibration step is kept out of the fit to measure its error
 DECODE_STEPS = 4  # decode steps measured per (batch, context) point
-FIRST_OVERHEAD_RUNS = 3  # server overhead runs of a new profile (one server, ~40 s each): their median is kept
-# Server overheads kept: a new profile's three, one per `tune --validate` and one per validated run (~30-40
-# minutes of this machine's drift); predictions take their median.
+FIRST_OVERHEAD_RUNS = 3  # server overhead runs of a new profile (one server, ~40 s each): the median run is kept
+# Server overheads kept: a new profile's, one per `tune --validate` and one per validated run (~30-40 minutes
+# of this machine's drift); predictions take their median.
 OVERHEAD_HISTORY = 15
 # How a server overhead is measured; a profile's overheads of another revision are measured again.
 # 2 (2026-11-27): a busy served step counts until the next step starts (`overhead._read_steps`).
@@ -171,7 +171,7 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
         overheads = measure_server_overhead(config, resolve_model_path(config.model), profile.model_config,
                                             profile.cost_model, runs=FIRST_OVERHEAD_RUNS)
         profile.server_overhead = _median_run(overheads)
-        profile.remember(overheads)
+        profile.remember([profile.server_overhead])  # one entry: runs a minute apart share that minute's speed
         profile.seconds += time.perf_counter() - started
     elif not measured:
         return profile, path, False
@@ -180,8 +180,10 @@ def load_or_profile(config: EngineConfig, plan: CalibrationPlan, directory: Path
 
 
 def _median_run(overheads: list[ServerOverhead]) -> ServerOverhead:
-    """The measurement whose step factor is the median (with its details, for the report)."""
-    return sorted(overheads, key=lambda o: o.step_factor)[len(overheads) // 2]
+    """The measurement whose step factor is the median, its details naming every run's factor."""
+    median = sorted(overheads, key=lambda o: o.step_factor)[len(overheads) // 2]
+    return replace(median, details=dict(median.details or {}, runs=len(overheads),
+                                        run_step_factors=[o.step_factor for o in overheads]))
 
 
 def _stale_overhead(profile: Profile) -> bool:
