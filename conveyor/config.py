@@ -164,7 +164,7 @@ class EngineConfig:
                                            "layer in int8 (~8x that error); docs/configuration.md",
                                      choices=QUANTIZATION_METHODS)
     int8_lm_head: bool = _knob(False, "under --quantization int8, the lm_head in int8 too (one scale per "
-                                      "vocabulary row and per token): ~1.5x faster at 1-4 rows, ~1.7x at 32, "
+                                      "vocabulary row and per token; the lm_head alone 1.5x faster at 1 row, 1.7x at 32), "
                                       "but twice the mode's KL, past llama.cpp Q4_K_M's (docs/benchmarks.md)")
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs; steps of 1-4 rows also take a C++ int8 kernel), torch "
