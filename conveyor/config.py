@@ -21,9 +21,10 @@ LINEAR_KERNELS = ("auto", "onednn", "torch")  # what `EngineConfig.linear_kernel
 ELEMENTWISE_KERNELS = ("auto", "cpp", "torch")  # what `EngineConfig.elementwise_kernel` accepts (conveyor.model.fused_ops)
 # Bumped whenever a kernel path changes what a step computes or costs under the same flags (2: the few-row
 # int8 kernel and lossless int8 lm_head; 3: its few-row bf16 product; 4: the prefill attention kernel;
-# 5: the register-blocked decode attention kernel, one call for all decode rows): a tune
+# 5: the register-blocked decode attention kernel, one call for all decode rows; 6: the int8 mode's
+# int8 lm_head, and bf16 rows into the few-row w8a8 product): a tune
 # profile and `system_fingerprint` both carry it.
-KERNELS_REVISION = 5
+KERNELS_REVISION = 6
 DEFAULT_MAX_MODEL_LEN = 8192  # the context limit when the model allows more and the user sets none
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -162,6 +163,9 @@ class EngineConfig:
                                            "lm_head (within llama.cpp Q4_K_M's error); int8-fast: every linear "
                                            "layer in int8 (~8x that error); docs/configuration.md",
                                      choices=QUANTIZATION_METHODS)
+    int8_lm_head: bool = _knob(False, "under --quantization int8, the lm_head in int8 too (one scale per "
+                                      "vocabulary row and per token; the lm_head alone 1.5x faster at 1 row, 1.7x at 32), "
+                                      "but twice the mode's KL, past llama.cpp Q4_K_M's (docs/benchmarks.md)")
     linear_kernel: str = _knob("auto", "what runs the fp32/bf16 linear layers: onednn (weights prepacked once; "
                                        "faster on CPUs; steps of 1-4 rows also take a C++ int8 kernel), torch "
                                        "(the reference path), or auto (onednn where it can run, else torch)", choices=LINEAR_KERNELS)

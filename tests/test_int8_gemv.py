@@ -68,6 +68,35 @@ def test_the_int8_layers_few_row_product_equals_the_reference_to_the_bit(
 
 
 @needs_gemv
+@pytest.mark.parametrize("layer_class", [Int8Linear, OneDNNInt8Linear])
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 8), (640, 1536), (2048, 638)])
+def test_bf16_rows_go_into_the_few_row_product_as_their_exact_fp32_values(
+        layer_class: type[Int8Linear], in_features: int, out_features: int) -> None:
+    """A bf16 model's rows are read in bf16 by the kernel, no fp32 copy made first: the same bits as the
+    reference path, which widens them to fp32 (exact) and rounds its result to bf16."""
+    gemv = load_int8_gemv()[0]
+    generator = torch.Generator().manual_seed(in_features * 3 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    bias = torch.randn(out_features, generator=generator)
+    smooth = torch.rand(in_features, generator=generator) + 0.5
+    for layer_smooth in (None, smooth):
+        reference = Int8Linear(weight, bias, layer_smooth)
+        ours = layer_class(weight, bias, layer_smooth, gemv)
+        empty = torch.empty(0)
+        for rows in (1, 2, 3, 4):
+            x = (torch.randn(rows, in_features, generator=generator) * 4).to(torch.bfloat16)
+            x[0, :5] = 0.0
+            expected = reference(x.float()).to(torch.bfloat16)
+            assert torch.equal(ours(x), expected)
+            assert ours(x).dtype == torch.bfloat16
+            inv = ours.inv_smooth if ours.inv_smooth is not None else empty
+            kernel_args = (inv, ours.packed_rows, ours.weight_scale, ours.weight_sums, out_features)
+            assert torch.equal(gemv.w8a8(x, *kernel_args), gemv.w8a8(x.float(), *kernel_args))
+        strided = (torch.randn(3, 2 * in_features, generator=generator)).to(torch.bfloat16)[:, ::2]
+        assert torch.equal(ours(strided), reference(strided.float()).to(torch.bfloat16))
+
+
+@needs_gemv
 @pytest.mark.parametrize("group", [32, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_weight_only_product_matches_fp32_within_summation_order(group: int | None, dtype: torch.dtype) -> None:

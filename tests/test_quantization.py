@@ -145,6 +145,41 @@ def test_engine_with_int8_swaps_every_linear_and_stays_near_fp32(
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 in oneDNN here")
+@pytest.mark.skipif(load_int8_gemv()[0] is None, reason="the few-row kernel cannot be built here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_int8_lm_head_gives_few_row_steps_the_logits_of_a_larger_step(
+        tiny_model_dirs: dict[str, Path], dtype: str) -> None:
+    """Steps of 1-4 rows take the compiled w8a8 product, larger ones oneDNN's int8 linear and the compiled
+    epilogue: both equal the torch reference to the bit, so a row's logits do not depend on its step."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=4, num_kv_blocks=16,
+                                    dtype=dtype, quantization="int8", int8_lm_head=True))
+    model = engine.runner.model
+    # Unsmoothed (the calibration never runs the lm_head), no few-row head of its own: its w8a8 takes them.
+    assert isinstance(model.lm_head, OneDNNInt8Linear) and model.lm_head.gemv is not None
+    assert model.lm_head.inv_smooth is None and model.small_row_head is None
+    hidden = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(
+        engine.runner.dtype)
+    with torch.inference_mode():
+        larger = model.compute_logits(hidden, upcast=False)
+        assert larger.dtype == engine.runner.dtype
+        for rows in range(1, 5):
+            assert torch.equal(model.compute_logits(hidden[:rows], upcast=False), larger[:rows])
+        reference = Int8Linear.forward(model.lm_head, model.norm(hidden))  # the torch path, every row count
+    assert torch.equal(larger, reference)
+
+
+def test_int8_lm_head_is_opt_in_and_only_under_the_int8_method(tiny_model_dirs: dict[str, Path]) -> None:
+    """It doubles the int8 mode's KL on the default model (docs/benchmarks.md): off unless asked for."""
+    assert EngineConfig().int8_lm_head is False
+    for quantization in ("int8", None):
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=4, num_kv_blocks=16,
+                                        dtype="float32", quantization=quantization, int8_lm_head=quantization is None))
+        head = engine.runner.model.lm_head
+        assert not isinstance(head, Int8Linear)
+        assert isinstance(head, HighPrecisionLinear) == (quantization == "int8")
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 in oneDNN here")
 def test_int8_over_bf16_keeps_bf16_activations_and_cache_and_stays_near_bf16(tiny_model_dirs: dict[str, Path]) -> None:
     path = str(tiny_model_dirs["gemma3"])
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)

@@ -66,11 +66,12 @@ def conversations_from_args(args: argparse.Namespace, conversation_rate: float |
 
 
 # `bench throughput` modes that run continuous batching in one precision each (engine knobs over the flags').
-PRECISION_MODES: dict[str, dict[str, str | None]] = {
+PRECISION_MODES: dict[str, dict[str, str | bool | None]] = {
     "continuous-fp32": {"dtype": "float32", "quantization": None},
     "continuous-bf16": {"dtype": "bfloat16", "quantization": None},
     "continuous-int8": {"dtype": "float32", "quantization": "int8"},
     "continuous-int8-bf16": {"dtype": "bfloat16", "quantization": "int8"},
+    "continuous-int8-bf16-head8": {"dtype": "bfloat16", "quantization": "int8", "int8_lm_head": True},  # lm_head int8 too
     "continuous-int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
 }
 

@@ -29,13 +29,14 @@ from conveyor.tokenizer import Tokenizer, load_tokenizer
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 REFERENCE_MODE = "fp32-exact"
 # Each mode as the engine knobs that make it; the reference is the exact model every mode is compared to.
-MODES: dict[str, dict[str, str]] = {
+MODES: dict[str, dict[str, str | bool]] = {
     REFERENCE_MODE: {"dtype": "float32", "linear_kernel": "torch"},
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "float32", "quantization": "int8"},
     "int8-torch": {"dtype": "float32", "quantization": "int8", "linear_kernel": "torch"},
     "int8-bf16": {"dtype": "bfloat16", "quantization": "int8"},
+    "int8-bf16-head8": {"dtype": "bfloat16", "quantization": "int8", "int8_lm_head": True},  # lm_head int8 too
     "int8-fast": {"dtype": "float32", "quantization": "int8-fast"},
 }
 
@@ -90,7 +91,7 @@ def llama_cpp_windows(path: str, bos_id: int | None) -> Windows:
 class _ModeModel:
     """One mode's model, run outside the engine: a window is one prefill into a private KV cache."""
 
-    def __init__(self, base: EngineConfig, knobs: dict[str, str], model_path: str, model_config: ModelConfig,
+    def __init__(self, base: EngineConfig, knobs: dict[str, str | bool], model_path: str, model_config: ModelConfig,
                  weights: dict[str, torch.Tensor], window: int, tokenizer: Tokenizer) -> None:
         config = dataclasses.replace(base, **knobs, num_kv_blocks=-(-window // base.block_size) + 1,
                                      max_model_len=window + 1).resolved(model_path, model_config)

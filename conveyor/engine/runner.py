@@ -112,7 +112,7 @@ class ModelRunner:
             with self.denormals_flushed():
                 maxima = self._calibrate(tokenizer, model_config.bos_token_id, config.max_model_len, config.model)
         apply_linear_kernel(self.model, config.linear_kernel, config.quantization, self.device, self.dtype, maxima,
-                            head_table if self.device.type == "cpu" else None)
+                            head_table if self.device.type == "cpu" else None, config.int8_lm_head)
         del head_table
         elementwise = apply_elementwise_kernel(self.model, config.elementwise_kernel, self.device, self.dtype)
         self.num_kv_blocks = config.num_kv_blocks

@@ -91,7 +91,7 @@ def choose_linear_kernel(requested: str, device: torch.device, dtype: torch.dtyp
 
 def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | None, device: torch.device,
                         dtype: torch.dtype, maxima: dict[str, torch.Tensor] | None = None,
-                        head_table: torch.Tensor | None = None) -> str:
+                        head_table: torch.Tensor | None = None, int8_head: bool = False) -> str:
     """Choose the linear kernel for this machine (and precision), swap the model's linear layers to it
     (quantizing them first in a quantized mode; `maxima` as `quantize_linears` takes them), log the
     choice; returns the kernel's name.
@@ -99,11 +99,12 @@ def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | No
     With oneDNN, steps of 1-4 rows also get the C++ few-row kernel (`conveyor.model.int8_gemv`) where it
     builds: in the int8 layers, in the bf16 layers of the decoder stack (the bf16 mode's, the int8 mode's
     down_proj), and in the lm_head when `head_table` (its fp32 weights, taken before the model's cast:
-    `lm_head_table`) is lossless as int8."""
+    `lm_head_table`) is lossless as int8. `int8_head`: the int8 method's lm_head in int8 as well
+    (`quantize_linears`); it then needs no few-row head of its own."""
     kernel, reason = choose_linear_kernel(requested, device, torch.int8 if quantization else dtype)
     gemv, gemv_reason = small_row_kernel(kernel)
     if quantization is not None:
-        swapped = quantize_linears(model, quantization, kernel, maxima, gemv)
+        swapped = quantize_linears(model, quantization, kernel, maxima, gemv, int8_head)
     elif kernel == "onednn":
         # The decoder stack's layers first, with the few-row bf16 product; then the rest (the lm_head: the
         # few-row head above takes its small steps, and a second copy of its table would cost 335 MB).
@@ -114,7 +115,11 @@ def apply_linear_kernel(model: nn.Module, requested: str, quantization: str | No
         swapped = 0
     precision = quantization or str(dtype).removeprefix("torch.")
     logger.info("linear kernel for %s: %s (%s; %d layers swapped)", precision, kernel, reason, swapped)
-    # int8-fast's lm_head is an int8 layer of its own (the kernel's w8a8 product): it stays as it is.
-    head = "lm_head int8 (int8-fast)" if quantization == "int8-fast" else apply_small_row_lm_head(model, gemv, head_table)
+    # An int8 lm_head (int8-fast's, int8's with int8_head) is an int8 layer of its own, with the kernel's
+    # w8a8 product at 1-4 rows: it stays as it is.
+    if quantization == "int8-fast" or (quantization == "int8" and int8_head):
+        head = f"lm_head int8 ({quantization})"
+    else:
+        head = apply_small_row_lm_head(model, gemv, head_table)
     logger.info("small-row int8 kernel: %s (%s; %s)", "torch" if gemv is None else "cpp", gemv_reason, head)
     return kernel

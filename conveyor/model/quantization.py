@@ -10,7 +10,7 @@ exact model's ~8x more than llama.cpp's Q4_K_M compute does (docs/benchmarks.md,
 
 `int8`: int8 where rounding is cheap, SmoothQuant-smoothed (q/k/v, o, gate/up), and bf16 (fp32 where
 bf16 is slow) in the two layers whose inputs rounding hurts most: down_proj (heavy-tailed gelu(gate) *
-up) and the lm_head. The smoothing factors come from the activations' per-channel maxima over a short
+up) and, with `int8_head` off, the lm_head. The smoothing factors come from the activations' per-channel maxima over a short
 calibration pass at load (`activation_maxima`, on an OS-shipped English text). Within llama.cpp's
 Q4_K_M error on the same tokens (docs/benchmarks.md, "A better int8 mode").
 
@@ -85,12 +85,15 @@ class Int8Linear(nn.Module):
         return torch._int_mm(quantized, self.weight_t).float().mul_(self.weight_scale).mul_(row_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        if self.gemv is not None and 1 <= rows.shape[0] <= MAX_ROWS:
+        rows = x.reshape(-1, self.in_features)
+        if (self.gemv is not None and 1 <= rows.shape[0] <= MAX_ROWS
+                and rows.dtype in (torch.float32, torch.bfloat16)):
+            # bf16 rows go in as they are: the kernel widens them (exact), with no fp32 copy made first.
             smooth = self.inv_smooth if self.inv_smooth is not None else rows.new_empty(0)
             out = self.gemv.w8a8(rows, smooth, self.packed_rows, self.weight_scale, self.weight_sums,
                                  self.out_features)
         else:
+            rows = rows.float()
             if self.inv_smooth is not None:
                 rows = rows * self.inv_smooth
             out = self._scaled_matmul(rows)
@@ -222,13 +225,15 @@ def high_precision_dtype() -> torch.dtype:
 
 
 def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
-                     maxima: dict[str, torch.Tensor] | None = None, gemv: Any = None) -> int:
+                     maxima: dict[str, torch.Tensor] | None = None, gemv: Any = None, int8_head: bool = False) -> int:
     """Swap every nn.Linear in `model` for its quantized form, in place; returns how many were swapped.
 
     `kernel` "onednn" takes oneDNN's int8 linear, "torch" `torch._int_mm`. A model whose lm_head is tied
     to the embedding gets its own lm_head (the embedding keeps its full-precision table for lookups).
     `method` "int8" needs `maxima` (`activation_maxima` of the unquantized model) for its smoothing.
     `gemv`: the few-row kernel of the int8 layers (`Int8Linear`) and of down_proj in bf16, or None.
+    `int8_head`: under "int8", the lm_head is an int8 layer too (one scale per vocabulary row, one per
+    token, no smoothing), as int8-fast's is; else it stays in bf16 (fp32 where bf16 is slow).
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"unsupported quantization {method!r}; choose from {', '.join(QUANTIZATION_METHODS)}")
@@ -248,8 +253,10 @@ def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
             if not isinstance(child, nn.Linear):
                 continue
             full_name = f"{parent_name}.{name}" if parent_name else name
-            if name in _HIGH_PRECISION_LAYERS:  # the lm_head's few-row steps have a head of their own
-                layer: nn.Module = HighPrecisionLinear(child.weight, child.bias, precise, kernel,
+            if name == "lm_head" and int8_head:
+                layer: nn.Module = int8_linear(child.weight, child.bias)
+            elif name in _HIGH_PRECISION_LAYERS:  # a bf16 lm_head's few-row steps have a head of their own
+                layer = HighPrecisionLinear(child.weight, child.bias, precise, kernel,
                                                        gemv if name != "lm_head" else None)
             else:
                 layer = int8_linear(child.weight, child.bias, smoothing_factors(child.weight, maxima[full_name]))
@@ -257,6 +264,7 @@ def quantize_linears(model: nn.Module, method: str, kernel: str = "torch",
             swapped += 1
     embed = getattr(model, "embed_tokens", None)
     if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding):
-        model.lm_head = HighPrecisionLinear(embed.weight, None, precise, kernel)  # type: ignore[assignment]
+        model.lm_head = (int8_linear(embed.weight, None) if int8_head  # type: ignore[assignment]
+                         else HighPrecisionLinear(embed.weight, None, precise, kernel))
         swapped += 1
     return swapped

@@ -168,13 +168,20 @@ inline void w8a8_block(const uint8_t* qx, const int8_t* block, int64_t K, int32_
 }
 #endif
 
+// Row m of x (fp32 or bf16) as fp32: widening bf16 is exact, so a bf16 row needs no fp32 copy first.
+inline float row_value(const float* xf, const c10::BFloat16* xb, int64_t i) {
+  return xf != nullptr ? xf[i] : static_cast<float>(xb[i]);
+}
+
 // fp32 [M, N]: the int8 mode's product (Int8Linear: quantize_rows, integer matmul, * weight scale, * row
-// scale) of 1 <= M <= 4 fp32 rows and the packed int8 weight (S = 64). `inv_smooth`: fp32 [K] or empty;
+// scale) of 1 <= M <= 4 fp32 or bf16 rows (bf16 read as their exact fp32 values) and the packed int8
+// weight (S = 64). `inv_smooth`: fp32 [K] or empty;
 // `weight_sums`: int32 [N], each output's weight sum (the VNNI loop's unsigned-activation correction).
 torch::Tensor w8a8(const torch::Tensor& x, const torch::Tensor& inv_smooth, const torch::Tensor& packed,
                    const torch::Tensor& scale, const torch::Tensor& weight_sums, int64_t N) {
   check_common(x, packed, N, kW8A8Step);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "w8a8 takes fp32 rows");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "w8a8 takes fp32 or bf16 rows");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "scale must be a contiguous fp32 [N] tensor");
   TORCH_CHECK(weight_sums.scalar_type() == torch::kInt32 && weight_sums.numel() == N, "weight_sums must be int32 [N]");
@@ -187,19 +194,22 @@ torch::Tensor w8a8(const torch::Tensor& x, const torch::Tensor& inv_smooth, cons
   // half to even (the default rounding mode, as torch.round).
   std::vector<float> smoothed(M * K), row_scale(M);
   std::vector<int8_t> q(M * K);
-  const float* xp = xc.data_ptr<float>();
+  const bool is_bf16 = xc.scalar_type() == torch::kBFloat16;
+  const float* xf = is_bf16 ? nullptr : xc.data_ptr<float>();
+  const c10::BFloat16* xb = is_bf16 ? xc.data_ptr<c10::BFloat16>() : nullptr;
   const float* inv = smooth ? inv_smooth.data_ptr<float>() : nullptr;
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) {
-      const float v = smooth ? xp[m * K + k] * inv[k] : xp[m * K + k];
+      const float x_mk = row_value(xf, xb, m * K + k);
+      const float v = smooth ? x_mk * inv[k] : x_mk;
       smoothed[m * K + k] = v;
       amax = std::max(amax, std::fabs(v));
     }
     row_scale[m] = std::max(amax, 1e-12f) / 127.0f;
     for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<int8_t>(std::nearbyint(smoothed[m * K + k] / row_scale[m]));
   }
-  auto out = torch::empty({M, N}, xc.options());
+  auto out = torch::empty({M, N}, xc.options().dtype(torch::kFloat32));
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const int32_t* wsum = weight_sums.data_ptr<int32_t>();
