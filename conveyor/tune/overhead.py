@@ -102,11 +102,12 @@ def measure_server_overhead(config: EngineConfig, model_path: str, model: ModelC
     with tempfile.TemporaryDirectory(prefix="conveyor-overhead-") as work_dir:
         with serving(config_file_values(config, Candidate.of(config)), Path(work_dir)) as base_url:
             served = asyncio.run(_send(base_url, timed))
-    return [_fit_run(resolved, cost_model, requests, *run) for requests, run in zip(timed, served)]
+    return [_fit_run(resolved, cost_model, LOAD_SHARE * capacity, requests, *run) for requests, run in zip(timed, served)]
 
 
-def _fit_run(resolved: EngineConfig, cost_model: CostModel, timed: list[SimRequest], measured: list[RequestResult],
-             steps: list[Step], engine_ttfts: dict[str, float], gaps: list[float]) -> ServerOverhead:
+def _fit_run(resolved: EngineConfig, cost_model: CostModel, rate: float, timed: list[SimRequest],
+             measured: list[RequestResult], steps: list[Step], engine_ttfts: dict[str, float],
+             gaps: list[float]) -> ServerOverhead:
     """One overhead run's `ServerOverhead`: the step factors from its served steps, the per-request seconds
     measured directly (client TTFT minus engine TTFT); the earlier fits are kept in the details to compare."""
     if not steps:
@@ -129,8 +130,7 @@ def _fit_run(resolved: EngineConfig, cost_model: CostModel, timed: list[SimReque
     # The request-timing fit (the factor before 2026-11-26 09:30), kept in the details to compare with.
     by_requests = fit_overhead(timings, lambda f, d: simulated(lambda rows: f * cost_model.step_seconds(rows), d))
     simulated_now = simulated(step_cost, delay)
-    details = dict(step_details, rate=len(timed) / max(timed[-1].arrival_time, 1e-9),
-                   prompt_lens=[len(r.prompt_token_ids) for r in timed],
+    details = dict(step_details, rate=rate, prompt_lens=[len(r.prompt_token_ids) for r in timed],
                    output_lens=[r.output_len for r in timed], arrivals=[r.arrival_time for r in timed],
                    ttft_measured=[t for t, _ in timings], ttft_simulated=[t for t, _ in simulated_now],
                    itl_measured_mean=_mean_itl(timings), itl_simulated_mean=_mean_itl(simulated_now),
@@ -251,7 +251,7 @@ async def _send(base_url: str, runs: list[list[SimRequest]]
     """The runs one after another, each request at its arrival time (seconds after its run's first),
     streamed, under one reader of the server's step stream (a second reader would first get the ring's
     backlog: the earlier runs' steps); a failure is an error. Per run: the requests' results, the served
-    steps and each request's TTFT inside the engine."""
+    steps, each request's TTFT inside the engine and the engine loop's time between busy steps."""
     engine_ttfts: dict[str, float] = {}
     gaps: list[float] = []
     done = []
@@ -304,7 +304,7 @@ async def _read_steps(client: httpx.AsyncClient, steps: list[Step], engine_ttfts
     """Append every step of the server's step stream until cancelled: its rows, and its served seconds.
     A step after which requests remain is served from its start to the next step's start: between the two
     the engine loop hands the outputs to the server, feeds the step stream and takes new requests, time
-    the profile's back-to-back in-process steps do not pay (~1-3 ms a step). A step that leaves the
+    the profile's back-to-back in-process steps do not pay (0.3 ms at the median here, 2026-11-27). A step that leaves the
     engine idle is served for its own duration (the wait for the next request is not its cost)."""
     pending: tuple[list[RowShape], float, float, bool] | None = None  # rows, start, duration, busy after
     try:
