@@ -45,6 +45,17 @@ def _q8_0_table(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (values * scales).reshape(rows, cols)
 
 
+def _reference_and_kernel_layers(layer_class: type[Int8Linear], in_features: int, out_features: int,
+                                 gemv: object, generator: torch.Generator) -> list[tuple[Int8Linear, Int8Linear]]:
+    """(the torch reference layer, the same weights in `layer_class` with the few-row kernel), without and
+    with SmoothQuant smoothing."""
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    bias = torch.randn(out_features, generator=generator)
+    smooth = torch.rand(in_features, generator=generator) + 0.5
+    return [(Int8Linear(weight, bias, layer_smooth), layer_class(weight, bias, layer_smooth, gemv))
+            for layer_smooth in (None, smooth)]
+
+
 @needs_gemv
 @pytest.mark.parametrize("layer_class", [Int8Linear, OneDNNInt8Linear])
 @pytest.mark.parametrize(("in_features", "out_features"), [(64, 8), (640, 1536), (2048, 638), (128, 4097)])
@@ -52,12 +63,7 @@ def test_the_int8_layers_few_row_product_equals_the_reference_to_the_bit(
         layer_class: type[Int8Linear], in_features: int, out_features: int) -> None:
     gemv = load_int8_gemv()[0]
     generator = torch.Generator().manual_seed(in_features + out_features)
-    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
-    bias = torch.randn(out_features, generator=generator)
-    smooth = torch.rand(in_features, generator=generator) + 0.5
-    for layer_smooth in (None, smooth):
-        reference = Int8Linear(weight, bias, layer_smooth)
-        ours = layer_class(weight, bias, layer_smooth, gemv)
+    for reference, ours in _reference_and_kernel_layers(layer_class, in_features, out_features, gemv, generator):
         assert ours.gemv is gemv
         for rows in (1, 2, 3, 4, 9):  # 9: past the kernel's rows, the layer's own path
             x = torch.randn(rows, in_features, generator=generator) * 4
@@ -76,12 +82,7 @@ def test_bf16_rows_go_into_the_few_row_product_as_their_exact_fp32_values(
     reference path, which widens them to fp32 (exact) and rounds its result to bf16."""
     gemv = load_int8_gemv()[0]
     generator = torch.Generator().manual_seed(in_features * 3 + out_features)
-    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
-    bias = torch.randn(out_features, generator=generator)
-    smooth = torch.rand(in_features, generator=generator) + 0.5
-    for layer_smooth in (None, smooth):
-        reference = Int8Linear(weight, bias, layer_smooth)
-        ours = layer_class(weight, bias, layer_smooth, gemv)
+    for reference, ours in _reference_and_kernel_layers(layer_class, in_features, out_features, gemv, generator):
         empty = torch.empty(0)
         for rows in (1, 2, 3, 4):
             x = (torch.randn(rows, in_features, generator=generator) * 4).to(torch.bfloat16)
