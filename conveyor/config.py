@@ -200,6 +200,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or unset, "
                              f"got {self.quantization!r}")
+        if self.int8_lm_head and self.quantization != "int8":  # int8-fast's lm_head is int8 already
+            raise ValueError(f"int8_lm_head applies under quantization int8 only, got quantization "
+                             f"{self.quantization!r}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
         if self.attention_kernel not in ATTENTION_KERNELS:

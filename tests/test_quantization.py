@@ -171,12 +171,13 @@ def test_an_int8_lm_head_gives_few_row_steps_the_logits_of_a_larger_step(
 def test_int8_lm_head_is_opt_in_and_only_under_the_int8_method(tiny_model_dirs: dict[str, Path]) -> None:
     """It doubles the int8 mode's KL on the default model (docs/benchmarks.md): off unless asked for."""
     assert EngineConfig().int8_lm_head is False
-    for quantization in ("int8", None):
-        engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=4, num_kv_blocks=16,
-                                        dtype="float32", quantization=quantization, int8_lm_head=quantization is None))
-        head = engine.runner.model.lm_head
-        assert not isinstance(head, Int8Linear)
-        assert isinstance(head, HighPrecisionLinear) == (quantization == "int8")
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dirs["gemma3"]), block_size=4, num_kv_blocks=16,
+                                    dtype="float32", quantization="int8"))
+    assert isinstance(engine.runner.model.lm_head, HighPrecisionLinear)
+    # asked for outside the int8 method, it is refused with a clear error rather than silently ignored
+    for quantization in (None, "int8-fast"):
+        with pytest.raises(ValueError, match="int8_lm_head applies under quantization int8 only"):
+            EngineConfig(quantization=quantization, int8_lm_head=True)
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 in oneDNN here")
