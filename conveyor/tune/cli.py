@@ -67,8 +67,8 @@ def _tune(args: argparse.Namespace) -> int:
     # The median of the measurements so far: one taken in a slow minute (this machine's speed drifts by 10-30%
     # between minutes) must not set every prediction of a command.
     overhead = profile.typical_overhead()
-    if overhead and len(profile.overhead_history) > 1:
-        print(f"server overhead predicted with (the median of {len(profile.overhead_history)} measurements): "
+    if overhead and len(profile.current_overheads()) > 1:
+        print(f"server overhead predicted with (the median of {len(profile.current_overheads())} measurements): "
               f"{describe_overhead(overhead)}", flush=True)
     workload = _workload(args, base)
     tuner = Tuner(base, resolve_model_path(base.model), profile.model_config, profile.cost_model, workload, slo,

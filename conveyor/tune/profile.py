@@ -108,13 +108,16 @@ class Profile:
         now = time.time()
         entries = [json.loads(json.dumps(dict(asdict(replace(o, details=None)), measured_at=now,
                                               revision=OVERHEAD_REVISION))) for o in overheads]
-        history = [entry for entry in self.overhead_history if entry.get("revision") == OVERHEAD_REVISION]
-        self.overhead_history = (history + entries)[-OVERHEAD_HISTORY:]  # as saved: lists, not tuples
+        self.overhead_history = (self.current_overheads() + entries)[-OVERHEAD_HISTORY:]  # as saved: lists
+
+    def current_overheads(self) -> list[dict]:
+        """The history's entries measured the current way (`OVERHEAD_REVISION`)."""
+        return [entry for entry in self.overhead_history if entry.get("revision") == OVERHEAD_REVISION]
 
     def typical_overhead(self) -> ServerOverhead | None:
         """What predictions use: each figure's median over the history of this measuring revision
         (`ServerOverhead.median_of`); else the profile's one measurement."""
-        current = [entry for entry in self.overhead_history if entry.get("revision") == OVERHEAD_REVISION]
+        current = self.current_overheads()
         if not current:
             return self.server_overhead
         return ServerOverhead.median_of([ServerOverhead.from_dict(entry) for entry in current])
@@ -189,8 +192,7 @@ def _median_run(overheads: list[ServerOverhead]) -> ServerOverhead:
 def _stale_overhead(profile: Profile) -> bool:
     """No server overhead yet, or none measured the current way (`OVERHEAD_REVISION`): measured again
     (~3 min) rather than pricing served steps by another measure."""
-    return profile.server_overhead is None or not any(entry.get("revision") == OVERHEAD_REVISION
-                                                      for entry in profile.overhead_history)
+    return profile.server_overhead is None or not profile.current_overheads()
 
 
 def _fit_on_other_features(key: dict, directory: Path) -> Profile | None:
